@@ -1,0 +1,59 @@
+"""The typed hand-off from the DICOM boundary: a volume with its geometry and its sources.
+
+Array axis order is (slice, row, column) = (k, j, i). The affine maps a voxel index
+(i, j, k, 1) — column, row, slice — to patient coordinates (LPS, mm), as DICOM's Image
+Position/Orientation (PS3.3 C.7.6.2.1.1) define them. No torch here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from pydicom.dataset import Dataset
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Grid of a volume: shape (k, j, i) and the 4x4 voxel (i, j, k) -> patient LPS affine."""
+
+    shape: tuple[int, int, int]
+    affine: np.ndarray = field(repr=False)
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel size in mm in array order (slice, row, column)."""
+        cols = np.linalg.norm(self.affine[:3, :3], axis=0)  # |d/di|, |d/dj|, |d/dk|
+        return (float(cols[2]), float(cols[1]), float(cols[0]))
+
+    @property
+    def origin(self) -> np.ndarray:
+        """Patient position of voxel (0, 0, 0): the first slice's Image Position (Patient)."""
+        return self.affine[:3, 3].copy()
+
+    @property
+    def direction(self) -> np.ndarray:
+        """3x3 unit column vectors (row direction i, column direction j, slice normal k)."""
+        return self.affine[:3, :3] / np.linalg.norm(self.affine[:3, :3], axis=0)
+
+
+@dataclass(frozen=True)
+class Volume:
+    """One series as a float32 volume, in slice order along the slice normal.
+
+    values: float32 array (k, j, i) in real-world units (PET: Bq/ml after per-slice rescale).
+    headers: the source datasets in the same slice order, without Pixel Data, for provenance
+        (Source Image Sequence), copying attributes into derived series and SUV.
+    units: PET Units (0054,1001) or "" for other modalities.
+    """
+
+    values: np.ndarray = field(repr=False)
+    geometry: Geometry
+    modality: str
+    study_instance_uid: str
+    series_instance_uid: str
+    frame_of_reference_uid: str
+    sop_class_uid: str
+    sop_instance_uids: tuple[str, ...]
+    headers: tuple[Dataset, ...] = field(repr=False)
+    units: str = ""
+    notes: tuple[str, ...] = ()  # what the loader corrected and why (e.g. dropped duplicates)
