@@ -1,0 +1,61 @@
+"""What an operator asks of a node's store: the jobs table, a QA re-run, a re-send."""
+from __future__ import annotations
+
+import time
+from datetime import datetime
+
+from dipnode.models.params import DipParams, Method
+from dipnode.node.settings import Settings
+from dipnode.node.store import JobState, Store
+
+
+def jobs_table(store: Store, *, include_done: bool = False) -> str:
+    """One line per job: id, state, progress, method, PET series, reason; newest last."""
+    rows = store.jobs()
+    if not include_done:
+        rows = [j for j in rows if j.state is not JobState.DONE]
+    header = f"{'JOB':>5}  {'STATE':<15} {'PROG':>5}  {'METHOD':<8} {'UPDATED':<19}  PET SERIES / REASON"
+    lines = [header]
+    for j in rows:
+        when = datetime.fromtimestamp(j.updated_at).strftime("%Y-%m-%d %H:%M:%S")
+        line = (f"{j.id:>5}  {j.state.value:<15} {j.progress * 100:>4.0f}%  {j.method:<8} {when:<19}  "
+                f"{j.pet_series_uid}")
+        if j.rerun_of is not None:
+            line += f" (re-run of {j.rerun_of})"
+        lines.append(line)
+        dead = [d for d in store.deliveries(j.id) if d.state.value == "dead"]
+        if j.reason:
+            lines.append(f"{'':>7}reason: {j.reason}")
+        for d in dead:
+            lines.append(f"{'':>7}dead letter: {d.destination} after {d.attempts} attempts: "
+                         f"{d.last_error} (dipnode resend {j.id})")
+    if len(lines) == 1:
+        lines.append("(no jobs)" if include_done else "(no unfinished jobs; --all shows done ones)")
+    return "\n".join(lines)
+
+
+def request_rerun(store: Store, settings: Settings, job_id: int, *, method: str | None,
+                  preset_name: str | None, overrides: dict[str, object]) -> int:
+    """Queue a new job for the same PET (new output series), with other parameters if given."""
+    from dipnode.node.commands import resolve_params
+
+    old = store.job(job_id)
+    base = DipParams(**old.params)
+    params = resolve_params(preset_name, overrides, base=base)
+    chosen = Method(method or old.method)
+    if chosen is Method.CDIP:
+        params = params.replace(alpha=0.0)
+    needs_wait = chosen.needs_mr and old.mr_series_uid is None
+    job = store.create_job(old.pet_series_uid, method=chosen.value, params=params.as_dict(),
+                           now=time.time(), mr_series_uid=old.mr_series_uid, rerun=True,
+                           state=JobState.WAITING_FOR_MR if needs_wait else JobState.QUEUED)
+    return job.id
+
+
+def request_resend(store: Store, job_id: int) -> int:
+    """Make a job's dead deliveries pending again; returns how many."""
+    store.job(job_id)  # a clear error for an unknown job
+    n = store.reset_dead(job_id, time.time())
+    if n == 0:
+        raise ValueError(f"job {job_id} has no dead deliveries to re-send")
+    return n

@@ -1,0 +1,208 @@
+"""The pipeline: the only place that knows the order of the stages.
+
+read PET (+ MR) series -> align MR to the PET grid -> denoise -> encode DICOM outputs -> write.
+
+Each stage hands the next a small immutable object; the stages themselves live in dicom_io/
+(files) and models/ (numerics). `dipnode denoise` and the node's worker both call `run`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import numpy as np
+
+from dipnode.dicom_io.derived_pet import write_derived_pet, write_series
+from dipnode.dicom_io.parametric_map import write_stability_map
+from dipnode.dicom_io.provenance import OutputSpec
+from dipnode.dicom_io.series import load_volume, read_datasets, split_series
+from dipnode.dicom_io.uids import derive_uid
+from dipnode.dicom_io.volume import Volume
+from dipnode.models.align import AlignedMr, align_mr_to_pet
+from dipnode.models.denoise import DenoiseResult, denoise
+from dipnode.models.params import DipParams, Method
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int, float], None]
+
+
+def software_version() -> str:
+    try:
+        return version("dipnode")
+    except PackageNotFoundError:  # running from a source tree that was not installed
+        return "0+unknown"
+
+
+class PipelineError(ValueError):
+    """A study cannot be processed; the message says why in words a technologist can act on."""
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    """What to write and how to label it (from settings or the command line)."""
+
+    series_number_pet: int = 1001
+    series_number_map: int = 1002
+    series_number_map_plain: int = 0  # 0: no plain derived copy of the map
+    description_prefix: str = "SDIP"
+    research: bool = True
+    # Output UIDs derive from this seed; None: from the sources and the parameters, so running
+    # the same inputs again gives the same UIDs (a re-send is idempotent). The node passes its
+    # job's seed, which a deliberate re-run changes.
+    uid_seed: str | None = None
+
+
+@dataclass(frozen=True)
+class PetMrPair:
+    pet: Volume
+    mr: Volume | None
+
+
+@dataclass(frozen=True)
+class AlignedPair:
+    pet: Volume
+    mr_on_pet: np.ndarray | None = field(repr=False)
+    alignment: AlignedMr | None
+
+
+@dataclass(frozen=True)
+class PipelineResult:
+    method: Method
+    params: DipParams
+    pet_files: tuple[Path, ...]
+    map_files: tuple[Path, ...]
+    denoised: DenoiseResult = field(repr=False)
+    alignment: AlignedMr | None
+    pet: Volume = field(repr=False)
+
+    @property
+    def files(self) -> tuple[Path, ...]:
+        return self.pet_files + self.map_files
+
+
+def load_single_series(paths: Sequence[Path], modality: str) -> Volume:
+    """The one series of `modality` among `paths` (a folder may hold several series)."""
+    datasets = read_datasets(paths)
+    groups = [g for g in split_series(datasets).values() if str(g[0].get("Modality", "")) == modality]
+    if not groups:
+        raise PipelineError(f"no {modality} series among {len(datasets)} DICOM files")
+    if len(groups) > 1:
+        uids = ", ".join(str(g[0].SeriesInstanceUID) for g in groups)
+        raise PipelineError(f"several {modality} series found ({uids}); pass one series")
+    return load_volume(groups[0], modality=modality)
+
+
+def files_under(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise PipelineError(f"{path}: no such file or folder")
+    return sorted(p for p in path.rglob("*") if p.is_file())
+
+
+def align(pair: PetMrPair) -> AlignedPair:
+    if pair.mr is None:
+        return AlignedPair(pair.pet, None, None)
+    same_for = pair.mr.frame_of_reference_uid == pair.pet.frame_of_reference_uid
+    aligned = align_mr_to_pet(
+        pair.mr.values, pair.mr.geometry.affine, pair.pet.values, pair.pet.geometry.affine,
+        same_frame_of_reference=same_for,
+    )
+    log.info("aligned MR %s to PET %s by %s (metric %s)", pair.mr.series_instance_uid,
+             pair.pet.series_instance_uid, aligned.method, aligned.metric)
+    return AlignedPair(pair.pet, aligned.values, aligned)
+
+
+def describe(method: Method, params: DipParams, pair: PetMrPair) -> str:
+    """Derivation Description (0008,2111): method and parameters in words (<= 1024 chars)."""
+    if method is Method.GAUSSIAN:
+        text = f"OSEM + Gaussian post-filter, FWHM {params.fwhm_voxels:g} voxels"
+    else:
+        name = "Stability-weighted conditional DIP" if method is Method.SDIP else "Conditional DIP"
+        text = (f"{name} (Hashimoto et al. 2025): 3D U-Net base {params.base_channels} depth "
+                f"{params.depth}, L-BFGS {params.epochs} epochs lr {params.lr:g} max_iter "
+                f"{params.max_iter}, seed {params.seed}")
+        if method is Method.SDIP:
+            text += (f"; stability std over epochs >= {params.sample_from} every "
+                     f"{params.sample_every} ({params.n_samples} samples), alpha {params.alpha:g}")
+    if pair.mr is not None:
+        text += f"; MR prior series {pair.mr.series_instance_uid}"
+        if pair.mr.study_instance_uid != pair.pet.study_instance_uid:
+            text += f" of study {pair.mr.study_instance_uid}"
+    return text[:1024]
+
+
+def content_uid_seed(method: Method, params: DipParams, pair: PetMrPair) -> str:
+    """Outputs derive from the sources and the parameters: a re-send of the same run is idempotent."""
+    payload = {
+        "pet": pair.pet.series_instance_uid,
+        "pet_instances": list(pair.pet.sop_instance_uids),
+        "mr": pair.mr.series_instance_uid if pair.mr else None,
+        "method": method.value,
+        "params": {k: v for k, v in params.as_dict().items() if k != "device"},
+    }
+    return derive_uid("dipnode-run", json.dumps(payload, sort_keys=True))
+
+
+def encode_and_write(aligned: AlignedPair, result: DenoiseResult, pair: PetMrPair,
+                     options: OutputOptions, out_dir: Path) -> tuple[list[Path], list[Path]]:
+    method, params = result.method, result.params
+    seed = options.uid_seed or content_uid_seed(method, params, pair)
+    now = datetime.now(timezone.utc).astimezone()
+    derivation = describe(method, params, pair)
+    label = f"{options.description_prefix} {method.value.upper()}"
+    if method is Method.SDIP:
+        label += f" a{params.alpha:g}"
+    # The writers append " [RESEARCH]" to the description while spec.research is set.
+
+    def spec(role: str, number: int, description: str) -> OutputSpec:
+        return OutputSpec(
+            series_instance_uid=derive_uid(seed, role), series_number=number,
+            series_description=description[:64], derivation_description=derivation,
+            uid_seed=derive_uid(seed, role, "instances"), content_datetime=now,
+            software_version=software_version(), research=options.research,
+        )
+
+    pet_ds = write_derived_pet(aligned.pet, result.denoised, spec("pet", options.series_number_pet, label))
+    pet_files = write_series(pet_ds, out_dir / "pet")
+    map_files: list[Path] = []
+    if result.stability is not None and options.series_number_map:
+        pm = write_stability_map(aligned.pet, result.stability,
+                                 spec("map", options.series_number_map, f"{label} stability map"),
+                                 mr_reference_note=derivation)
+        map_dir = out_dir / "map"
+        map_dir.mkdir(parents=True, exist_ok=True)
+        target = map_dir / f"{pm.SOPInstanceUID}.dcm"
+        pm.save_as(target, enforce_file_format=True)
+        map_files.append(target)
+        if options.series_number_map_plain:
+            plain = write_derived_pet(aligned.pet, result.stability,
+                                      spec("map-plain", options.series_number_map_plain,
+                                           f"{label} stability map (Bq/ml)"))
+            map_files += write_series(plain, out_dir / "map-plain")
+    return pet_files, map_files
+
+
+def run(pet_paths: Sequence[Path], mr_paths: Sequence[Path] | None, out_dir: Path, *,
+        method: Method, params: DipParams, options: OutputOptions = OutputOptions(),
+        progress: Progress | None = None) -> PipelineResult:
+    """Denoise one PET series (with its MR for the DIP methods) and write the DICOM outputs."""
+    if method.needs_mr and not mr_paths:
+        raise PipelineError(f"method {method.value} needs an MR series; none was given")
+    pet = load_single_series(pet_paths, "PT")
+    mr = load_single_series(mr_paths, "MR") if (mr_paths and method.needs_mr) else None
+    pair = PetMrPair(pet, mr)
+    aligned = align(pair)
+    result = denoise(pet.values, aligned.mr_on_pet, pet.geometry.spacing, params, method=method,
+                     progress=progress)
+    pet_files, map_files = encode_and_write(aligned, result, pair, options, out_dir)
+    log.info("series %s denoised by %s in %.1f s: %d PET + %d map files", pet.series_instance_uid,
+             method.value, result.timings.get("total", float("nan")), len(pet_files), len(map_files))
+    return PipelineResult(method, params, tuple(pet_files), tuple(map_files), result,
+                          aligned.alignment, pet)

@@ -1,0 +1,355 @@
+"""The node's one typed settings object: a TOML file with environment overrides.
+
+Built once at start-up (by the CLI) with :func:`load_settings` and passed down; nothing reads
+settings at import time. Precedence, highest first: constructor arguments, environment
+variables ``DIPNODE_<SECTION>__<KEY>`` (lists and tables as JSON, e.g.
+``DIPNODE_NODE__ALLOWED_CALLING_AETS='["PACS","SCANNER1"]'``), the TOML file, defaults.
+Sections are merged key by key, so one environment variable overrides one key of the file.
+
+Every value is validated before the node starts; a bad one raises :class:`SettingsError`
+naming the key (``node.port``), what was expected and what was given. Unknown keys are
+errors too, so that a misspelt key cannot silently fall back to a default.
+"""
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    InitSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from dipnode.models.params import PRESETS, DipParams, Method, preset
+
+__all__ = [
+    "Destination", "MatchingSettings", "MethodSettings", "NodeSettings", "OutputSettings",
+    "SenderSettings", "SeriesSettings", "Settings", "SettingsError", "StorageSettings",
+    "WorkersSettings", "example_settings_toml", "load_settings", "validate_ae_title",
+]
+
+
+class SettingsError(ValueError):
+    """The configuration is unusable; the message names each bad key, expected and actual."""
+
+
+def validate_ae_title(value: str, key: str = "ae_title") -> str:
+    """An Application Entity title as PS3.5 §6.2 (VR AE) defines it, stripped of padding.
+
+    At most 16 characters of the default repertoire (printable ASCII) without backslash,
+    and not only spaces; leading and trailing spaces are not significant.
+    """
+    stripped = value.strip(" ")
+    if not stripped:
+        raise ValueError(f"{key}: expected 1 to 16 non-space characters (PS3.5 §6.2 AE), got {value!r}")
+    if len(stripped) > 16:
+        raise ValueError(f"{key}: expected at most 16 characters (PS3.5 §6.2 AE), got {len(stripped)} in {value!r}")
+    bad = sorted({c for c in stripped if c == "\\" or not " " <= c <= "~"})
+    if bad:
+        raise ValueError(
+            f"{key}: expected printable ASCII without backslash (PS3.5 §6.2 AE), got {value!r} with {bad!r}"
+        )
+    return stripped
+
+
+class _Section(BaseModel):
+    # Frozen: settings are a hand-off, read by many threads. Forbid extras: catch typos.
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class NodeSettings(_Section):
+    """The storage SCP: who we are, where we listen and whom we accept."""
+
+    ae_title: str = "DIPNODE"
+    host: str = "127.0.0.1"  # loopback by default: listening on a hospital network is a decision
+    port: int = Field(11112, ge=1, le=65535)
+    # Required, no default: accepting any caller must be written down as ["*"]. An empty list
+    # rejects every association (a node that is configured but closed).
+    allowed_calling_aets: list[str]
+    allowed_addresses: list[str] = []  # IP addresses or CIDR networks; empty = any address
+    max_associations: int = Field(10, ge=1)
+    # PS3.8 Annex D.3.3.2: 0 means "no limit"; pynetdicom's default is 16382.
+    max_pdu: int = Field(16382, ge=0, le=2**32 - 1)
+    idle_timeout_s: float = Field(60.0, gt=0)
+    accept_compressed: bool = True  # offer JPEG/JPEG 2000/JPEG-LS/RLE transfer syntaxes too
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, v: str) -> str:
+        return validate_ae_title(v)
+
+    @field_validator("allowed_calling_aets")
+    @classmethod
+    def _calling(cls, v: list[str]) -> list[str]:
+        if "*" in v and len(v) > 1:
+            raise ValueError(f'expected either ["*"] (any caller) or a list of AE titles, got {v!r}')
+        return v if v == ["*"] else [validate_ae_title(a, "allowed_calling_aets item") for a in v]
+
+    @field_validator("allowed_addresses")
+    @classmethod
+    def _addresses(cls, v: list[str]) -> list[str]:
+        for a in v:
+            try:
+                ipaddress.ip_network(a, strict=False)
+            except ValueError:
+                raise ValueError(f"expected IP addresses or CIDR networks, got {a!r}") from None
+        return v
+
+    def accepts_any_caller(self) -> bool:
+        return self.allowed_calling_aets == ["*"]
+
+
+class StorageSettings(_Section):
+    spool_dir: Path = Path("/var/lib/dipnode/spool")
+    database: Path = Path("/var/lib/dipnode/dipnode.sqlite")
+    # Below this free space the SCP answers "out of resources" rather than half-write a file.
+    min_free_mb: int = Field(1024, ge=0)
+
+
+class SeriesSettings(_Section):
+    stable_age_s: float = Field(30.0, gt=0)
+    check_interval_s: float = Field(2.0, gt=0)
+
+
+DEFAULT_MR_PATTERNS = [r"T1", r"MP-?RAGE", r"SPGR", r"BRAVO", r"3D"]
+
+
+class MatchingSettings(_Section):
+    mr_wait_s: float = Field(600.0, ge=0)
+    date_window_days: int = Field(30, ge=0)
+    # Case-insensitive regular expressions searched in Series Description (0008,103E).
+    mr_description_patterns: list[str] = DEFAULT_MR_PATTERNS
+    require_3d: bool = False  # only MR Acquisition Type (0018,0023) "3D" is eligible
+    fallback: Literal["gaussian", "fail"] = "gaussian"
+
+    @field_validator("mr_description_patterns")
+    @classmethod
+    def _patterns(cls, v: list[str]) -> list[str]:
+        for p in v:
+            try:
+                re.compile(p)
+            except re.error as e:
+                raise ValueError(f"expected regular expressions, got {p!r} ({e})") from None
+        return v
+
+
+class MethodSettings(_Section):
+    """The method and its parameters: a preset, with any key given here overriding it."""
+
+    name: Method = Method.SDIP
+    preset: str = "paper"
+    alpha: float | None = None
+    epochs: int | None = None
+    sample_from: int | None = None
+    sample_every: int | None = None
+    fwhm_voxels: float | None = None
+    seed: int | None = None
+    device: str | None = None
+
+    @field_validator("preset")
+    @classmethod
+    def _preset(cls, v: str) -> str:
+        if v not in PRESETS:
+            raise ValueError(f"expected one of {sorted(PRESETS)}, got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _params_valid(self) -> "MethodSettings":
+        self.dip_params()  # the combination must make valid DipParams (ValueError -> ValidationError)
+        return self
+
+    def dip_params(self) -> DipParams:
+        """The preset with this section's overrides applied (validated by DipParams).
+
+        Plain conditional DIP is SDIP with alpha = 0 (DESIGN.md), so ``cdip`` forces alpha to 0
+        and rejects another explicit alpha rather than silently ignoring it.
+        """
+        overrides = {
+            k: getattr(self, k)
+            for k in ("alpha", "epochs", "sample_from", "sample_every", "fwhm_voxels", "seed", "device")
+            if getattr(self, k) is not None
+        }
+        if self.name is Method.CDIP:
+            if overrides.get("alpha", 0.0) != 0.0:
+                raise ValueError(f"alpha: expected 0 or unset with name='cdip', got {overrides['alpha']!r}")
+            overrides["alpha"] = 0.0
+        return preset(self.preset).replace(**overrides)
+
+
+class OutputSettings(_Section):
+    # Series Number (0020,0011) is VR IS (PS3.5 §6.2): up to 2^31 - 1. 0 or unset: not written.
+    series_number_pet: int | None = Field(1001, ge=0, le=2**31 - 1)
+    series_number_map: int | None = Field(1002, ge=0, le=2**31 - 1)
+    series_number_map_plain: int | None = Field(1003, ge=0, le=2**31 - 1)
+    description_prefix: str = Field("SDIP", max_length=32)  # leaves room in LO's 64 characters
+    research: bool = True  # label outputs as research until someone clears the device
+
+    @field_validator("series_number_pet", "series_number_map", "series_number_map_plain")
+    @classmethod
+    def _zero_is_none(cls, v: int | None) -> int | None:
+        return v or None
+
+    @model_validator(mode="after")
+    def _distinct(self) -> "OutputSettings":
+        numbers = [n for n in (self.series_number_pet, self.series_number_map, self.series_number_map_plain) if n]
+        if len(numbers) != len(set(numbers)):
+            raise ValueError(f"series numbers: expected distinct values, got {numbers!r}")
+        if not self.series_number_pet:
+            raise ValueError("series_number_pet: expected a number >= 1 (the denoised PET is always written), got None")
+        return self
+
+
+class Destination(_Section):
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, v: str) -> str:
+        return validate_ae_title(v)
+
+    @property
+    def label(self) -> str:
+        """The key a delivery is stored under: ``AET@HOST:PORT``."""
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+class SenderSettings(_Section):
+    retries: int = Field(5, ge=0)
+    backoff_s: float = Field(5.0, ge=0)
+    backoff_max_s: float = Field(300.0, ge=0)
+    timeout_s: float = Field(30.0, gt=0)
+    calling_ae: str | None = None  # None: the node's own AE title (see Settings.calling_ae)
+
+    @field_validator("calling_ae")
+    @classmethod
+    def _ae(cls, v: str | None) -> str | None:
+        return None if v is None else validate_ae_title(v)
+
+    @model_validator(mode="after")
+    def _order(self) -> "SenderSettings":
+        if self.backoff_max_s < self.backoff_s:
+            raise ValueError(
+                f"backoff_max_s: expected >= backoff_s ({self.backoff_s}), got {self.backoff_max_s}"
+            )
+        return self
+
+
+class WorkersSettings(_Section):
+    max_concurrent_jobs: int = Field(1, ge=1)  # one job per GPU at a time
+    device: str = "auto"  # used when [method] device is unset
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not (v in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", v)):
+            raise ValueError(f"expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {v!r}")
+        return v
+
+
+# The parsed TOML for the Settings being built on this thread/task (see load_settings).
+_toml_data: ContextVar[dict[str, Any] | None] = ContextVar("_toml_data", default=None)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="DIPNODE_", env_nested_delimiter="__", extra="forbid", frozen=True,
+    )
+
+    node: NodeSettings
+    storage: StorageSettings = StorageSettings()
+    series: SeriesSettings = SeriesSettings()
+    matching: MatchingSettings = MatchingSettings()
+    method: MethodSettings = MethodSettings()
+    output: OutputSettings = OutputSettings()
+    destinations: list[Destination] = []
+    sender: SenderSettings = SenderSettings()
+    workers: WorkersSettings = WorkersSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        data = _toml_data.get()
+        if data is not None:
+            sources.append(InitSettingsSource(settings_cls, init_kwargs=data))
+        return tuple(sources)
+
+    @model_validator(mode="after")
+    def _unique_destinations(self) -> "Settings":
+        labels = [d.label for d in self.destinations]
+        dupes = sorted({x for x in labels if labels.count(x) > 1})
+        if dupes:
+            raise ValueError(f"destinations: expected distinct AET@HOST:PORT entries, got duplicates {dupes!r}")
+        return self
+
+    @property
+    def calling_ae(self) -> str:
+        """The AE title the sender calls from: [sender] calling_ae, else [node] ae_title."""
+        return self.sender.calling_ae or self.node.ae_title
+
+    def dip_params(self) -> DipParams:
+        """The method's parameters; the device falls back to [workers] device."""
+        params = self.method.dip_params()
+        return params if self.method.device is not None else params.replace(device=self.workers.device)
+
+
+def _format_errors(err: ValidationError, origin: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(settings)"
+        msg = e["msg"].removeprefix("Value error, ")
+        # pydantic says "Input should be ..."; keep one wording: "expected ...; got ...".
+        if msg.startswith("Input should be "):
+            msg = "expected " + msg.removeprefix("Input should be ")
+        if e["type"] == "missing":
+            lines.append(f"  {key}: expected a value, got none (required)")
+        elif e["type"] == "extra_forbidden":
+            lines.append(f"  {key}: expected no such key (unknown setting), got {e['input']!r}")
+        else:
+            lines.append(f"  {key}: {msg}; got {e.get('input')!r}")
+    return f"invalid settings ({origin}):\n" + "\n".join(lines)
+
+
+def load_settings(path: Path | None) -> Settings:
+    """Settings from the TOML file at ``path`` (None: environment and defaults only).
+
+    Raises SettingsError for a missing or malformed file and for every invalid value.
+    """
+    data: dict[str, Any] | None = None
+    if path is not None:
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise SettingsError(f"settings file: expected an existing TOML file, got {str(path)!r}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise SettingsError(f"settings file {str(path)!r}: expected valid TOML, got: {e}") from None
+    origin = f"file {str(path)!r} + DIPNODE_* environment" if path else "DIPNODE_* environment"
+    token = _toml_data.set(data)
+    try:
+        return Settings()
+    except ValidationError as e:
+        raise SettingsError(_format_errors(e, origin)) from None
+    finally:
+        _toml_data.reset(token)
+
+
+def example_settings_toml() -> str:
+    """The shipped example configuration (deploy/dipnode.example.toml), every key commented."""
+    here = Path(__file__).resolve().parent.parent / "deploy" / "dipnode.example.toml"
+    return here.read_text(encoding="utf-8")

@@ -1,0 +1,681 @@
+"""The node's durable state: received instances, series, jobs and deliveries in SQLite.
+
+Durability: WAL journal with ``synchronous=FULL``, so a committed transaction survives a power
+cut; foreign keys on. The schema is created or migrated at open using ``PRAGMA user_version``.
+
+Threads: one connection guarded by a re-entrant lock, so a Store may be shared by the SCP's
+handler threads, the completion loop, workers and the sender. Every write runs in one
+``BEGIN IMMEDIATE`` transaction (the write lock is taken up front, so two processes on the
+same file serialise instead of failing on a lock upgrade; ``busy_timeout`` makes them wait).
+
+Time is passed in (``now``: seconds since the epoch) rather than read from the clock, which
+keeps decisions reproducible and tests deterministic.
+
+Series lifecycle (the rule completion.py applies): a series is ``receiving`` until complete;
+a *new* instance arriving for a ``complete`` series is a late instance: it is counted in
+``late_instances`` and re-opens the series (state back to ``receiving``, ``completed_at``
+cleared), so it completes again by count or stable age and the pipeline then runs it anew.
+A duplicate SOP Instance UID is idempotent and never late.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "DeliveryRow", "DeliveryState", "InstanceRecord", "JobRow", "JobState", "ResumeReport",
+    "SeriesRow", "SeriesState", "Store", "StoreError", "TransitionError", "JOB_TRANSITIONS",
+]
+
+
+class StoreError(ValueError):
+    """A request the store cannot honour (unknown id, bad value, newer schema)."""
+
+
+class TransitionError(StoreError):
+    """A job state change that the job lifecycle does not allow."""
+
+
+class SeriesState(str, Enum):
+    RECEIVING = "receiving"
+    COMPLETE = "complete"
+
+
+class JobState(str, Enum):
+    WAITING_FOR_MR = "waiting_for_mr"
+    QUEUED = "queued"
+    RUNNING = "running"
+    SENDING = "sending"
+    DONE = "done"
+    FAILED = "failed"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobState.DONE, JobState.FAILED)
+
+
+# Allowed transitions. RUNNING -> QUEUED is the restart path (resume_after_restart); DONE and
+# FAILED are final for transition(): a re-send goes through reset_dead(), a re-run is a new job.
+JOB_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+    JobState.WAITING_FOR_MR: frozenset({JobState.QUEUED, JobState.FAILED}),
+    JobState.QUEUED: frozenset({JobState.RUNNING, JobState.FAILED}),
+    JobState.RUNNING: frozenset({JobState.SENDING, JobState.QUEUED, JobState.FAILED}),
+    JobState.SENDING: frozenset({JobState.DONE, JobState.FAILED}),
+    JobState.DONE: frozenset(),
+    JobState.FAILED: frozenset(),
+}
+
+
+class DeliveryState(str, Enum):
+    PENDING = "pending"
+    SENT = "sent"
+    DEAD = "dead"
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    """What the SCP knows about one stored instance, from its header (no pixels)."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    path: Path
+    study_uid: str
+    series_uid: str
+    modality: str
+    transfer_syntax: str
+    patient_id: str = ""
+    issuer_of_patient_id: str = ""
+    series_description: str = ""
+    frame_of_reference_uid: str = ""
+    mr_acquisition_type: str = ""  # (0018,0023): "2D" / "3D"
+    slice_thickness: float | None = None
+    study_date: str = ""  # DA, YYYYMMDD
+    series_date: str = ""
+    # From completion.expected_count(): PET Number of Slices (x time slices / gates),
+    # else Images in Acquisition; None where the header does not say.
+    expected_count: int | None = None
+
+
+@dataclass(frozen=True)
+class SeriesRow:
+    series_uid: str
+    study_uid: str
+    patient_id: str
+    issuer: str
+    modality: str
+    series_description: str
+    frame_of_reference_uid: str
+    mr_acquisition_type: str
+    slice_thickness: float | None
+    study_date: str
+    series_date: str
+    expected_count: int | None
+    instance_count: int
+    first_received_at: float
+    last_received_at: float
+    completed_at: float | None
+    state: SeriesState
+    late_instances: int
+
+
+@dataclass(frozen=True)
+class JobRow:
+    id: int
+    pet_series_uid: str
+    mr_series_uid: str | None
+    state: JobState
+    progress: float
+    reason: str | None
+    method: str
+    params_json: str
+    created_at: float
+    updated_at: float
+    attempts: int
+    rerun_of: int | None
+    output_dir: str | None
+    uid_seed: str
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return json.loads(self.params_json)
+
+
+@dataclass(frozen=True)
+class DeliveryRow:
+    job_id: int
+    destination: str  # "AET@HOST:PORT"
+    state: DeliveryState
+    attempts: int
+    next_attempt_at: float
+    last_error: str | None
+
+
+@dataclass(frozen=True)
+class ResumeReport:
+    """What resume_after_restart changed: jobs put back in the queue, jobs still sending."""
+
+    requeued: tuple[int, ...]
+    sending: tuple[int, ...]
+    deliveries_due: int
+
+
+_MIGRATIONS: tuple[str, ...] = (
+    # 1: initial schema.
+    """
+    CREATE TABLE series (
+        series_uid TEXT PRIMARY KEY,
+        study_uid TEXT NOT NULL,
+        patient_id TEXT NOT NULL DEFAULT '',
+        issuer TEXT NOT NULL DEFAULT '',
+        modality TEXT NOT NULL,
+        series_description TEXT NOT NULL DEFAULT '',
+        frame_of_reference_uid TEXT NOT NULL DEFAULT '',
+        mr_acquisition_type TEXT NOT NULL DEFAULT '',
+        slice_thickness REAL,
+        study_date TEXT NOT NULL DEFAULT '',
+        series_date TEXT NOT NULL DEFAULT '',
+        expected_count INTEGER,
+        instance_count INTEGER NOT NULL DEFAULT 0,
+        first_received_at REAL NOT NULL,
+        last_received_at REAL NOT NULL,
+        completed_at REAL,
+        state TEXT NOT NULL CHECK (state IN ('receiving', 'complete')),
+        late_instances INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX series_patient ON series (patient_id, issuer);
+    CREATE INDEX series_study ON series (study_uid);
+    CREATE INDEX series_state ON series (state);
+    CREATE TABLE instances (
+        sop_instance_uid TEXT PRIMARY KEY,
+        sop_class_uid TEXT NOT NULL,
+        path TEXT NOT NULL,
+        study_uid TEXT NOT NULL,
+        series_uid TEXT NOT NULL REFERENCES series (series_uid),
+        patient_id TEXT NOT NULL DEFAULT '',
+        issuer_of_patient_id TEXT NOT NULL DEFAULT '',
+        modality TEXT NOT NULL,
+        received_at REAL NOT NULL,
+        transfer_syntax TEXT NOT NULL
+    );
+    CREATE INDEX instances_series ON instances (series_uid);
+    CREATE TABLE jobs (
+        id INTEGER PRIMARY KEY,
+        pet_series_uid TEXT NOT NULL REFERENCES series (series_uid),
+        mr_series_uid TEXT REFERENCES series (series_uid),
+        state TEXT NOT NULL,
+        progress REAL NOT NULL DEFAULT 0 CHECK (progress BETWEEN 0 AND 1),
+        reason TEXT,
+        method TEXT NOT NULL,
+        params_json TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        rerun_of INTEGER REFERENCES jobs (id),
+        output_dir TEXT,
+        uid_seed TEXT NOT NULL
+    );
+    -- A PET is processed once: only re-runs (rerun_of set) may add jobs for the same series.
+    CREATE UNIQUE INDEX jobs_first_run ON jobs (pet_series_uid) WHERE rerun_of IS NULL;
+    CREATE INDEX jobs_state ON jobs (state, id);
+    CREATE TABLE deliveries (
+        job_id INTEGER NOT NULL REFERENCES jobs (id),
+        destination TEXT NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('pending', 'sent', 'dead')),
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at REAL NOT NULL,
+        last_error TEXT,
+        UNIQUE (job_id, destination)
+    );
+    CREATE INDEX deliveries_due ON deliveries (state, next_attempt_at);
+    """,
+)
+SCHEMA_VERSION = len(_MIGRATIONS)
+
+class Store:
+    """The SQLite-backed index and job store. Use as a context manager or call close()."""
+
+    def __init__(self, path: Path, *, busy_timeout_s: float = 30.0) -> None:
+        self.path = Path(path)
+        self._lock = threading.RLock()
+        # isolation_level=None: we issue BEGIN/COMMIT ourselves, so a transaction is exactly
+        # one method call. check_same_thread=False: the lock, not the thread, guards the connection.
+        self._db = sqlite3.connect(
+            str(self.path), timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
+        )
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._migrate()
+
+    @classmethod
+    def open(cls, path: Path) -> "Store":
+        """Open (creating its folder and schema if needed) the database at ``path``."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return cls(path)
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _query(self, sql: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    def _migrate(self) -> None:
+        with self._tx() as db:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"database {str(self.path)!r}: expected schema version <= {SCHEMA_VERSION}, "
+                    f"got {version} (written by a newer dipnode)"
+                )
+            for n in range(version, SCHEMA_VERSION):
+                for stmt in _MIGRATIONS[n].split(";"):
+                    if stmt.strip():
+                        db.execute(stmt)
+                log.info("database %s migrated to schema version %d", self.path, n + 1)
+            # PRAGMA takes no parameters; the value is our own integer.
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    @property
+    def schema_version(self) -> int:
+        return int(self._query("PRAGMA user_version")[0][0])
+
+    # -- instances and series ---------------------------------------------------------------
+
+    def record_instance(self, inst: InstanceRecord, now: float) -> bool:
+        """Index one stored instance and update its series; True if new, False if a duplicate.
+
+        A duplicate SOP Instance UID changes nothing (a re-sent file is idempotent). A new
+        instance for a complete series is late: it re-opens the series (see module docstring).
+        """
+        for name in ("sop_instance_uid", "series_uid", "study_uid", "modality"):
+            if not getattr(inst, name):
+                raise StoreError(f"record_instance: expected a non-empty {name}, got {getattr(inst, name)!r}")
+        with self._tx() as db:
+            known = db.execute(
+                "SELECT series_uid FROM instances WHERE sop_instance_uid = ?", (inst.sop_instance_uid,)
+            ).fetchone()
+            if known is not None:
+                if known[0] != inst.series_uid:
+                    log.warning(
+                        "SOP instance %s already indexed in series %s; ignored copy claims series %s",
+                        inst.sop_instance_uid, known[0], inst.series_uid,
+                    )
+                return False
+            series = db.execute("SELECT state FROM series WHERE series_uid = ?", (inst.series_uid,)).fetchone()
+            if series is None:
+                db.execute(
+                    "INSERT INTO series (series_uid, study_uid, patient_id, issuer, modality, series_description,"
+                    " frame_of_reference_uid, mr_acquisition_type, slice_thickness, study_date, series_date,"
+                    " expected_count, instance_count, first_received_at, last_received_at, state)"
+                    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,1,?,?,'receiving')",
+                    (inst.series_uid, inst.study_uid, inst.patient_id, inst.issuer_of_patient_id,
+                     inst.modality, inst.series_description, inst.frame_of_reference_uid,
+                     inst.mr_acquisition_type, inst.slice_thickness, inst.study_date, inst.series_date,
+                     inst.expected_count, now, now),
+                )
+            else:
+                late = series["state"] == SeriesState.COMPLETE.value
+                if late:
+                    log.info("late instance %s re-opens complete series %s", inst.sop_instance_uid, inst.series_uid)
+                db.execute(
+                    "UPDATE series SET instance_count = instance_count + 1,"
+                    " last_received_at = max(last_received_at, ?),"
+                    " expected_count = coalesce(expected_count, ?),"
+                    " late_instances = late_instances + ?,"
+                    " state = 'receiving',"
+                    " completed_at = CASE WHEN ? THEN NULL ELSE completed_at END"
+                    " WHERE series_uid = ?",
+                    (now, inst.expected_count, int(late), int(late), inst.series_uid),
+                )
+            db.execute(
+                "INSERT INTO instances (sop_instance_uid, sop_class_uid, path, study_uid, series_uid, patient_id,"
+                " issuer_of_patient_id, modality, received_at, transfer_syntax) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (inst.sop_instance_uid, inst.sop_class_uid, str(inst.path), inst.study_uid, inst.series_uid,
+                 inst.patient_id, inst.issuer_of_patient_id, inst.modality, now, inst.transfer_syntax),
+            )
+        log.debug("indexed instance %s of series %s", inst.sop_instance_uid, inst.series_uid)
+        return True
+
+    def series(self, uid: str) -> SeriesRow | None:
+        rows = self._query("SELECT * FROM series WHERE series_uid = ?", (uid,))
+        return _series(rows[0]) if rows else None
+
+    def series_instances(self, uid: str) -> list[Path]:
+        """Paths of the series' instances in arrival order (the loader sorts them spatially)."""
+        rows = self._query("SELECT path FROM instances WHERE series_uid = ? ORDER BY received_at, rowid", (uid,))
+        return [Path(r[0]) for r in rows]
+
+    def incomplete_series(self) -> list[SeriesRow]:
+        rows = self._query("SELECT * FROM series WHERE state = 'receiving' ORDER BY first_received_at")
+        return [_series(r) for r in rows]
+
+    def related_series(self, study_uid: str, patient_id: str, issuer: str) -> list[SeriesRow]:
+        """Series of the same study or of the same Patient ID and issuer (matching candidates).
+
+        An empty Patient ID matches only within the study: an unidentified patient is nobody's.
+        """
+        rows = self._query(
+            "SELECT * FROM series WHERE study_uid = ? OR (? != '' AND patient_id = ? AND issuer = ?)"
+            " ORDER BY first_received_at",
+            (study_uid, patient_id, patient_id, issuer),
+        )
+        return [_series(r) for r in rows]
+
+    def mark_series_complete(self, uid: str, at: float, *, if_instance_count: int | None = None) -> bool:
+        """Mark a receiving series complete; False if it was not receiving or, with
+        ``if_instance_count``, if an instance arrived since the caller looked (it is not stable)."""
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE series SET state = 'complete', completed_at = ?"
+                " WHERE series_uid = ? AND state = 'receiving' AND (? IS NULL OR instance_count = ?)",
+                (at, uid, if_instance_count, if_instance_count),
+            )
+            return cur.rowcount == 1
+
+    # -- jobs -------------------------------------------------------------------------------
+
+    def create_job(
+        self,
+        pet_series_uid: str,
+        *,
+        method: str,
+        params: dict[str, Any],
+        now: float,
+        mr_series_uid: str | None = None,
+        state: JobState = JobState.QUEUED,
+        rerun: bool = False,
+        output_dir: str | None = None,
+        uid_seed: str | None = None,
+    ) -> JobRow:
+        """The job for a PET series: its latest existing job unless ``rerun``.
+
+        A PET is processed once. With ``rerun=True`` a new job is created whose ``rerun_of`` is
+        the latest job for that PET. ``uid_seed`` (default ``"<pet uid>/<job id>"``) feeds the
+        deterministic output UIDs: a re-executed job reproduces its UIDs, a re-run does not.
+        """
+        if state not in (JobState.QUEUED, JobState.WAITING_FOR_MR):
+            raise StoreError(f"create_job: expected state queued or waiting_for_mr, got {state.value!r}")
+        params_json = json.dumps(params, sort_keys=True)
+        with self._tx() as db:
+            latest = db.execute(
+                "SELECT * FROM jobs WHERE pet_series_uid = ? ORDER BY id DESC LIMIT 1", (pet_series_uid,)
+            ).fetchone()
+            if latest is not None and not rerun:
+                return _job(latest)
+            try:
+                cur = db.execute(
+                    "INSERT INTO jobs (pet_series_uid, mr_series_uid, state, method, params_json, created_at,"
+                    " updated_at, rerun_of, output_dir, uid_seed) VALUES (?,?,?,?,?,?,?,?,?, '')",
+                    (pet_series_uid, mr_series_uid, state.value, method, params_json, now, now,
+                     latest["id"] if latest is not None else None, output_dir),
+                )
+            except sqlite3.IntegrityError as e:
+                raise StoreError(
+                    f"create_job: expected known series for pet {pet_series_uid!r} / mr {mr_series_uid!r}: {e}"
+                ) from None
+            job_id = int(cur.lastrowid)  # type: ignore[arg-type]
+            db.execute("UPDATE jobs SET uid_seed = ? WHERE id = ?", (uid_seed or f"{pet_series_uid}/{job_id}", job_id))
+            row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        log.debug("job %d created for PET series %s (rerun_of=%s)", job_id, pet_series_uid, row["rerun_of"])
+        return _job(row)
+
+    def job(self, job_id: int) -> JobRow:
+        rows = self._query("SELECT * FROM jobs WHERE id = ?", (job_id,))
+        if not rows:
+            raise StoreError(f"job: expected an existing job id, got {job_id!r}")
+        return _job(rows[0])
+
+    def jobs(self, states: Iterable[JobState] | None = None, *, pet_series_uid: str | None = None) -> list[JobRow]:
+        sql, args = "SELECT * FROM jobs WHERE 1", []
+        if states is not None:
+            values = [JobState(s).value for s in states]
+            sql += f" AND state IN ({','.join('?' * len(values))})"
+            args += values
+        if pet_series_uid is not None:
+            sql += " AND pet_series_uid = ?"
+            args.append(pet_series_uid)
+        return [_job(r) for r in self._query(sql + " ORDER BY id", args)]
+
+    def transition(
+        self,
+        job_id: int,
+        new_state: JobState,
+        now: float,
+        *,
+        progress: float | None = None,
+        reason: str | None = None,
+        mr_series_uid: str | None = None,
+        method: str | None = None,
+        params: dict[str, Any] | None = None,
+        output_dir: str | None = None,
+        expect: JobState | None = None,
+    ) -> JobRow:
+        """Move a job to ``new_state`` in one transaction, validating the lifecycle.
+
+        FAILED requires a reason. Leaving WAITING_FOR_MR may set the MR and the method (a
+        Gaussian fallback changes the method). ``expect`` guards against a concurrent change.
+        """
+        new_state = JobState(new_state)
+        if progress is not None and not 0.0 <= progress <= 1.0:
+            raise StoreError(f"transition: expected progress in [0, 1], got {progress!r}")
+        if new_state is JobState.FAILED and not reason:
+            raise StoreError("transition: expected a reason for the failed state, got none")
+        with self._tx() as db:
+            row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise StoreError(f"transition: expected an existing job id, got {job_id!r}")
+            old = JobState(row["state"])
+            if expect is not None and old is not expect:
+                raise TransitionError(f"job {job_id}: expected state {expect.value!r}, got {old.value!r}")
+            if new_state not in JOB_TRANSITIONS[old]:
+                allowed = sorted(s.value for s in JOB_TRANSITIONS[old])
+                raise TransitionError(
+                    f"job {job_id}: {old.value} -> {new_state.value} is not allowed; expected one of {allowed}"
+                )
+            if progress is None:
+                # DONE is complete; back in the queue the work restarts; otherwise keep it.
+                progress = {JobState.DONE: 1.0, JobState.QUEUED: 0.0}.get(new_state, row["progress"])
+            db.execute(
+                "UPDATE jobs SET state = ?, progress = ?, reason = coalesce(?, reason), updated_at = ?,"
+                " mr_series_uid = coalesce(?, mr_series_uid), method = coalesce(?, method),"
+                " params_json = coalesce(?, params_json), output_dir = coalesce(?, output_dir),"
+                " attempts = attempts + ? WHERE id = ?",
+                (new_state.value, progress, reason, now, mr_series_uid, method,
+                 None if params is None else json.dumps(params, sort_keys=True), output_dir,
+                 int(new_state is JobState.RUNNING), job_id),
+            )
+            out = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        log.debug("job %d: %s -> %s", job_id, old.value, new_state.value)
+        return _job(out)
+
+    def set_progress(self, job_id: int, progress: float, now: float) -> None:
+        """Progress of a running job (no state change)."""
+        if not 0.0 <= progress <= 1.0:
+            raise StoreError(f"set_progress: expected progress in [0, 1], got {progress!r}")
+        with self._tx() as db:
+            db.execute(
+                "UPDATE jobs SET progress = ?, updated_at = ? WHERE id = ? AND state = 'running'",
+                (progress, now, job_id),
+            )
+
+    def claim_next_queued(self, now: float) -> JobRow | None:
+        """Atomically move the oldest QUEUED job to RUNNING and return it (None if none)."""
+        with self._tx() as db:
+            row = db.execute(
+                "UPDATE jobs SET state = 'running', attempts = attempts + 1, progress = 0, updated_at = ?"
+                " WHERE id = (SELECT id FROM jobs WHERE state = 'queued' ORDER BY id LIMIT 1) RETURNING *",
+                (now,),
+            ).fetchone()
+        return None if row is None else _job(row)
+
+    def resume_after_restart(self, now: float) -> ResumeReport:
+        """After a crash or restart: RUNNING jobs go back to QUEUED (their work was lost);
+        SENDING jobs stay, and their pending deliveries are due now."""
+        with self._tx() as db:
+            requeued = tuple(r[0] for r in db.execute(
+                "UPDATE jobs SET state = 'queued', progress = 0, updated_at = ? WHERE state = 'running' RETURNING id",
+                (now,),
+            ).fetchall())
+            sending = tuple(r[0] for r in db.execute("SELECT id FROM jobs WHERE state = 'sending' ORDER BY id"))
+            due = db.execute(
+                "UPDATE deliveries SET next_attempt_at = min(next_attempt_at, ?) WHERE state = 'pending'"
+                " AND job_id IN (SELECT id FROM jobs WHERE state = 'sending')",
+                (now,),
+            ).rowcount
+        if requeued:
+            log.info("re-queued jobs interrupted by a restart: %s", list(requeued))
+        return ResumeReport(tuple(sorted(requeued)), sending, due)
+
+    # -- deliveries -------------------------------------------------------------------------
+
+    def add_deliveries(self, job_id: int, destinations: Iterable[str], now: float) -> list[DeliveryRow]:
+        """One pending delivery per destination ("AET@HOST:PORT"), due now; existing ones kept."""
+        dests = list(destinations)
+        with self._tx() as db:
+            for d in dests:
+                try:
+                    db.execute(
+                        "INSERT OR IGNORE INTO deliveries (job_id, destination, state, next_attempt_at)"
+                        " VALUES (?, ?, 'pending', ?)",
+                        (job_id, d, now),
+                    )
+                except sqlite3.IntegrityError:
+                    raise StoreError(f"add_deliveries: expected an existing job id, got {job_id!r}") from None
+        return self.deliveries(job_id)
+
+    def deliveries(self, job_id: int) -> list[DeliveryRow]:
+        rows = self._query("SELECT * FROM deliveries WHERE job_id = ? ORDER BY destination", (job_id,))
+        return [_delivery(r) for r in rows]
+
+    def due_deliveries(self, now: float) -> list[DeliveryRow]:
+        """Pending deliveries of SENDING jobs whose next attempt is due, oldest first."""
+        rows = self._query(
+            "SELECT d.* FROM deliveries d JOIN jobs j ON j.id = d.job_id WHERE d.state = 'pending'"
+            " AND j.state = 'sending' AND d.next_attempt_at <= ? ORDER BY d.next_attempt_at, d.job_id",
+            (now,),
+        )
+        return [_delivery(r) for r in rows]
+
+    def delivery_result(
+        self,
+        job_id: int,
+        destination: str,
+        now: float,
+        *,
+        ok: bool,
+        error: str | None = None,
+        next_attempt_at: float | None = None,
+    ) -> JobRow:
+        """Record one send attempt: sent if ``ok``; else retried at ``next_attempt_at``, or dead
+        when that is None (the sender gave up). Settles the job in the same transaction: once no
+        delivery is pending a SENDING job becomes DONE (all sent) or FAILED (some dead)."""
+        if not ok and not error:
+            raise StoreError("delivery_result: expected an error message for a failed attempt, got none")
+        if ok:
+            state = DeliveryState.SENT
+        else:
+            state = DeliveryState.PENDING if next_attempt_at is not None else DeliveryState.DEAD
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE deliveries SET state = ?, attempts = attempts + 1, last_error = ?,"
+                " next_attempt_at = coalesce(?, next_attempt_at) WHERE job_id = ? AND destination = ?"
+                " AND state = 'pending'",
+                (state.value, None if ok else error, next_attempt_at, job_id, destination),
+            )
+            if cur.rowcount != 1:
+                raise StoreError(
+                    f"delivery_result: expected a pending delivery {destination!r} of job {job_id}, found none"
+                )
+            self._settle(db, job_id, now)
+            row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return _job(row)
+
+    def _settle(self, db: sqlite3.Connection, job_id: int, now: float) -> None:
+        job = db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if job is None or job["state"] != JobState.SENDING.value:
+            return
+        counts = dict(db.execute(
+            "SELECT state, count(*) FROM deliveries WHERE job_id = ? GROUP BY state", (job_id,)
+        ).fetchall())
+        if counts.get("pending", 0):
+            return
+        if counts.get("dead", 0):
+            dead = [f"{r[0]}: {r[1]}" for r in db.execute(
+                "SELECT destination, last_error FROM deliveries WHERE job_id = ? AND state = 'dead'"
+                " ORDER BY destination",
+                (job_id,),
+            )]
+            db.execute(
+                "UPDATE jobs SET state = 'failed', reason = ?, updated_at = ? WHERE id = ?",
+                ("delivery failed: " + "; ".join(dead), now, job_id),
+            )
+        else:
+            db.execute("UPDATE jobs SET state = 'done', progress = 1, updated_at = ? WHERE id = ?", (now, job_id))
+
+    def reset_dead(self, job_id: int, now: float) -> int:
+        """Re-send: dead deliveries become pending and due now (attempts restart at 0); a job
+        that failed only in delivery goes back to SENDING. Returns the number reset."""
+        with self._tx() as db:
+            n = db.execute(
+                "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = ?, last_error = NULL"
+                " WHERE job_id = ? AND state = 'dead'",
+                (now, job_id),
+            ).rowcount
+            if n:
+                db.execute(
+                    "UPDATE jobs SET state = 'sending', reason = NULL, updated_at = ?"
+                    " WHERE id = ? AND state = 'failed'",
+                    (now, job_id),
+                )
+        return n
+
+
+def _series(r: sqlite3.Row) -> SeriesRow:
+    v = {f.name: r[f.name] for f in fields(SeriesRow)}
+    v["state"] = SeriesState(v["state"])
+    return SeriesRow(**v)
+
+
+def _job(r: sqlite3.Row) -> JobRow:
+    v = {f.name: r[f.name] for f in fields(JobRow)}
+    v["state"] = JobState(v["state"])
+    return JobRow(**v)
+
+
+def _delivery(r: sqlite3.Row) -> DeliveryRow:
+    v = {f.name: r[f.name] for f in fields(DeliveryRow)}
+    v["state"] = DeliveryState(v["state"])
+    return DeliveryRow(**v)
