@@ -109,11 +109,15 @@ PRESETS: dict[str, DipParams] = {
     # Hashimoto et al. 2025: 200 L-BFGS epochs, stability from epoch 100 every 5th (21 samples),
     # alpha 0.6, U-Net 16/32/64/128 (+256 bottleneck).
     "paper": DipParams(),
-    # Small and quick for CPU demos: same schedule shape (m = epochs/2, every 5th), a narrower
-    # and shallower network. Minutes on two CPU cores at the demo phantom's size.
-    "fast": DipParams(epochs=60, sample_from=30, sample_every=5, base_channels=8, depth=3),
-    # Tiny, for unit tests on volumes of a few thousand voxels.
-    "tiny": DipParams(epochs=12, sample_from=6, sample_every=2, base_channels=4, depth=2),
+    # Small and quick for CPU demos: a narrower, shallower network, fewer epochs with fewer
+    # inner iterations, stability from the second half every 2nd epoch (11 samples). About
+    # 250 forward+backward passes: 2-3 minutes on two CPU cores at the 4 mm phantom
+    # (43x52x44; bench/README.md has the per-pass figures).
+    "fast": DipParams(epochs=40, sample_from=20, sample_every=2, base_channels=8, depth=3,
+                      max_iter=5),
+    # Tiny, for tests of the plumbing (node, CLI) on small volumes: ~30 passes.
+    "tiny": DipParams(epochs=12, sample_from=6, sample_every=2, base_channels=4, depth=2,
+                      max_iter=2),
 }
 
 
