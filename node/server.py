@@ -29,6 +29,10 @@ from dipnode.node.store import JobRow, JobState, Store
 log = logging.getLogger(__name__)
 
 
+class Stopping(Exception):
+    """Raised from a running fit's progress callback when the node is asked to stop."""
+
+
 class Node:
     """The service: receive, assemble, match, denoise, send back."""
 
@@ -77,13 +81,15 @@ class Node:
     def port(self) -> int:
         return self._receiver.port if self._receiver else self.settings.node.port
 
-    def stop(self, wait_for_jobs: bool = False) -> None:
+    def stop(self) -> None:
+        """Stop receiving and scheduling; a running fit stops at its next epoch and stays
+        RUNNING in the store, so the next start re-queues it."""
         self._stop.set()
         if self._receiver is not None:
             self._receiver.stop()
         if self._scheduler is not None:
-            self._scheduler.join(timeout=30)
-        self.executor.shutdown(wait=wait_for_jobs)
+            self._scheduler.join(timeout=60)
+        self.executor.shutdown(wait=True)
         self.store.close()
 
     def _loop(self) -> None:
@@ -152,6 +158,8 @@ class Node:
         last = [0.0]
 
         def progress(epoch: int, epochs: int, loss: float) -> None:
+            if self._stop.is_set():
+                raise Stopping  # leave the job RUNNING: the next start resumes it
             t = time.monotonic()
             if t - last[0] >= 2.0 or epoch == epochs:  # at most one write every 2 s
                 last[0] = t
@@ -168,11 +176,15 @@ class Node:
             log.info("job %d running: %s on PET %s", job.id, method.value, job.pet_series_uid)
             pipeline.run(pet_paths, mr_paths, out_dir, method=method, params=params,
                          options=options, progress=progress)
+        except Stopping:
+            log.info("job %d interrupted by the stop; it resumes at the next start", job.id)
+            return
         except Exception as exc:  # any failure ends this job with its reason, never the node
+            if self._stop.is_set():
+                return
             reason = f"{type(exc).__name__}: {exc}"
             log.error("job %d failed: %s", job.id, reason)
-            if not self._stop.is_set():
-                self.store.transition(job.id, JobState.FAILED, time.time(), reason=reason[:2000])
+            self.store.transition(job.id, JobState.FAILED, time.time(), reason=reason[:2000])
             return
         if self._stop.is_set():  # stopping: leave it RUNNING, the next start resumes it
             return

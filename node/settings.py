@@ -69,7 +69,7 @@ class NodeSettings(_Section):
 
     ae_title: str = "DIPNODE"
     host: str = "127.0.0.1"  # loopback by default: listening on a hospital network is a decision
-    port: int = Field(11112, ge=1, le=65535)
+    port: int = Field(11112, ge=0, le=65535)  # 0: the OS picks a free port (demo, tests)
     # Required, no default: accepting any caller must be written down as ["*"]. An empty list
     # rejects every association (a node that is configured but closed).
     allowed_calling_aets: list[str]

@@ -6,8 +6,9 @@ Import from a test module (pyproject puts tests/ on the path) with::
 
 API (keep it small):
 - ``free_port() -> int``: a TCP port the OS just reported free on 127.0.0.1.
-- ``OrthancPeer(workdir, aet="ORTHANC")``: context manager; ``.dicom_port``, ``.http_port``,
-  ``.aet``, ``.get(path) -> JSON``, ``.instance_count()``, ``.stop()``.
+- ``OrthancPeer(workdir, aet="ORTHANC", dicom_port=None)``: context manager; ``.dicom_port``,
+  ``.http_port``, ``.aet``, ``.get(path) -> JSON``, ``.get_bytes(path)``, ``.instance_count()``,
+  ``.stop()``.
 - ``StorescpPeer(outdir, aet="STORESCP")``: context manager; ``.port``, ``.aet``,
   ``.files() -> list[Path]``, ``.stop()``.
 - ``run_storescu(files, port, aet="STORESCU", called="ANY-SCP", extra=()) -> CompletedProcess``.
@@ -20,8 +21,7 @@ Every process gets ``TCP_NODELAY=1`` (Debian's DCMTK and Orthanc only set it whe
 DESIGN.md "Networking facts"); readiness is polled, never slept for; stop() waits for the PID
 because Orthanc frees its DICOM port only when it has exited. DCMTK storescp and Orthanc 1.10
 listen on all interfaces (neither has a bind-address option); tests only talk to 127.0.0.1.
-Tests that need a tool skip when it is not installed (``pytest.importorskip``-style via
-``require(tool)``).
+A test whose peer is not installed fails (``require(tool)``): CI installs every peer.
 """
 
 from __future__ import annotations
@@ -163,11 +163,12 @@ class StorescpPeer:
 class OrthancPeer:
     """Orthanc with its own config, storage folder and free DICOM/HTTP ports."""
 
-    def __init__(self, workdir: Path, aet: str = "ORTHANC", timeout_s: float = 20.0) -> None:
+    def __init__(self, workdir: Path, aet: str = "ORTHANC", timeout_s: float = 20.0,
+                 dicom_port: int | None = None) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.aet = aet
-        self.dicom_port = free_port()
+        self.dicom_port = dicom_port or free_port()
         self.http_port = free_port()
         config = {
             "Name": "dipnode-test",
@@ -212,6 +213,11 @@ class OrthancPeer:
         url = f"http://{LOOPBACK}:{self.http_port}{path}"
         with urllib.request.urlopen(url, timeout=5) as rsp:
             return json.loads(rsp.read())
+
+    def get_bytes(self, path: str) -> bytes:
+        """GET a raw resource, e.g. ``/instances/<id>/file`` (the stored DICOM file)."""
+        with urllib.request.urlopen(f"http://{LOOPBACK}:{self.http_port}{path}", timeout=10) as rsp:
+            return rsp.read()
 
     def instance_count(self) -> int:
         return len(self.get("/instances"))
