@@ -13,12 +13,12 @@ import threading
 import time
 from pathlib import Path
 
-from dipnode.dicom_io.scp import ReceivedInstance, ReceiverConfig, start_receiver
+from dipnode.dicom_io.scp import ReceivedInstance, start_receiver
 from dipnode.dicom_io.scu import Destination as Peer
 from dipnode.dicom_io.scu import send_files
 from dipnode.dicom_io.status import Status
 from dipnode.models.params import DipParams, Method
-from dipnode.node import pipeline
+from dipnode.node import pipeline, wire
 from dipnode.node.completion import complete_due, instance_record
 from dipnode.node.executor import ExecutorBusy, LocalExecutor
 from dipnode.node.matching import DecisionKind, decide
@@ -63,19 +63,11 @@ class Node:
         if removed or resumed.requeued or resumed.sending:
             log.info("recovered: %d partial files removed, jobs requeued %s, sending %s",
                      removed, list(resumed.requeued), list(resumed.sending))
-        n = self.settings.node
-        config = ReceiverConfig(
-            ae_title=n.ae_title, host=n.host, port=n.port,
-            allowed_calling_aets=None if n.accepts_any_caller() else frozenset(n.allowed_calling_aets),
-            allowed_addresses=frozenset(n.allowed_addresses) or None,
-            max_pdu_length=n.max_pdu, max_associations=n.max_associations,
-            idle_timeout_s=n.idle_timeout_s, accept_compressed=n.accept_compressed,
-        )
-        self._receiver = start_receiver(config, self.on_store)
+        self._receiver = start_receiver(wire.receiver_config(self.settings), self.on_store)
         self._scheduler = threading.Thread(target=self._loop, name="dipnode-scheduler", daemon=True)
         self._scheduler.start()
-        log.info("dipnode %s listening as %s on %s:%d", pipeline.software_version(), n.ae_title,
-                 n.host, self.port)
+        log.info("dipnode %s listening as %s on %s:%d", pipeline.software_version(),
+                 self.settings.node.ae_title, self.settings.node.host, self.port)
 
     @property
     def port(self) -> int:
@@ -209,8 +201,7 @@ class Node:
                 self.store.delivery_result(d.job_id, d.destination, now, ok=False,
                                            error="results missing on disk", next_attempt_at=None)
                 continue
-            report = send_files(files, Peer.parse(d.destination), calling_ae=self.settings.calling_ae,
-                                timeout_s=s.timeout_s)
+            report = send_files(files, Peer.parse(d.destination), **wire.sender_options(self.settings))
             ok = report.all_ok
             error = None if ok else (report.error or f"{report.n_failed} instances refused")
             attempts = d.attempts + 1
