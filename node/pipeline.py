@@ -80,6 +80,7 @@ class PipelineResult:
     denoised: DenoiseResult = field(repr=False)
     alignment: AlignedMr | None
     pet: Volume = field(repr=False)
+    mr_on_pet: np.ndarray | None = field(repr=False, default=None)
 
     @property
     def files(self) -> tuple[Path, ...]:
@@ -191,7 +192,7 @@ def encode_and_write(aligned: AlignedPair, result: DenoiseResult, pair: PetMrPai
 
 def run(pet_paths: Sequence[Path], mr_paths: Sequence[Path] | None, out_dir: Path, *,
         method: Method, params: DipParams, options: OutputOptions = OutputOptions(),
-        progress: Progress | None = None) -> PipelineResult:
+        progress: Progress | None = None, snapshot_epochs: Sequence[int] = ()) -> PipelineResult:
     """Denoise one PET series (with its MR for the DIP methods) and write the DICOM outputs."""
     if method.needs_mr and not mr_paths:
         raise PipelineError(f"method {method.value} needs an MR series; none was given")
@@ -200,9 +201,9 @@ def run(pet_paths: Sequence[Path], mr_paths: Sequence[Path] | None, out_dir: Pat
     pair = PetMrPair(pet, mr)
     aligned = align(pair)
     result = denoise(pet.values, aligned.mr_on_pet, pet.geometry.spacing, params, method=method,
-                     progress=progress)
+                     progress=progress, snapshot_epochs=snapshot_epochs)
     pet_files, map_files = encode_and_write(aligned, result, pair, options, out_dir)
     log.info("series %s denoised by %s in %.1f s: %d PET + %d map files", pet.series_instance_uid,
              method.value, result.timings.get("total", float("nan")), len(pet_files), len(map_files))
     return PipelineResult(method, params, tuple(pet_files), tuple(map_files), result,
-                          aligned.alignment, pet)
+                          aligned.alignment, pet, aligned.mr_on_pet)

@@ -11,6 +11,7 @@ import shutil
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from dipnode.dicom_io.scp import ReceivedInstance, start_receiver
@@ -36,8 +37,14 @@ class Stopping(Exception):
 class Node:
     """The service: receive, assemble, match, denoise, send back."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *,
+                 observer: Callable[[int, pipeline.PipelineResult], None] | None = None,
+                 snapshot_epochs: tuple[int, ...] = ()) -> None:
+        """observer: called with (job id, result) after each job's pipeline (the demo's report
+        reads the fit from it); snapshot_epochs: DIP outputs to keep for trade-off curves."""
         self.settings = settings
+        self._observer = observer
+        self._snapshot_epochs = snapshot_epochs
         self.store = Store.open(settings.storage.database)
         self.spool = Spool(settings.storage.spool_dir,
                            min_free_bytes=settings.storage.min_free_mb * 1024 * 1024)
@@ -46,6 +53,7 @@ class Node:
         self._stop = threading.Event()
         self._receiver = None
         self._scheduler: threading.Thread | None = None
+        self._listening_since: float | None = None  # set by start()
 
     # -- receiving: spool before success, then index ---------------------------------------
     def on_store(self, instance: ReceivedInstance) -> Status:
@@ -59,11 +67,20 @@ class Node:
     # -- life cycle ------------------------------------------------------------------------
     def start(self) -> None:
         removed = self.spool.recover()
-        resumed = self.store.resume_after_restart(time.time())
+        now = time.time()
+        resumed = self.store.resume_after_restart(now)
         if removed or resumed.requeued or resumed.sending:
             log.info("recovered: %d partial files removed, jobs requeued %s, sending %s",
                      removed, list(resumed.requeued), list(resumed.sending))
+        for job_id in resumed.sending:
+            if not self.store.deliveries(job_id):
+                # Killed between the SENDING transition and its deliveries (two transactions
+                # in _run_job): without this the job would wait for a delivery that never comes.
+                log.info("job %d was sending with no deliveries recorded: handing it over now", job_id)
+                self._hand_over(job_id, self.store.job(job_id).output_dir or "", now)
         self._receiver = start_receiver(wire.receiver_config(self.settings), self.on_store)
+        # Series interrupted by the downtime get a full stable age from now (completion.is_due).
+        self._listening_since = time.time()
         self._scheduler = threading.Thread(target=self._loop, name="dipnode-scheduler", daemon=True)
         self._scheduler.start()
         log.info("dipnode %s listening as %s on %s:%d", pipeline.software_version(),
@@ -95,7 +112,8 @@ class Node:
 
     # -- one scheduling step ---------------------------------------------------------------
     def tick(self, now: float) -> None:
-        for done in complete_due(self.store, now, self.settings.series.stable_age_s):
+        for done in complete_due(self.store, now, self.settings.series.stable_age_s,
+                                 self._listening_since):
             s = done.series
             log.info("series %s complete (%s, %d instances%s)", s.series_uid, s.modality,
                      s.instance_count, ", re-opened by late instances" if done.rerun else "")
@@ -120,6 +138,15 @@ class Node:
                                     params=self.settings.dip_params().as_dict(), now=now,
                                     state=JobState.WAITING_FOR_MR, rerun=rerun)
         log.info("job %d for PET series %s: %s", job.id, pet_uid, job.state.value)
+        if rerun:
+            # An earlier job of this PET that has not started yet would compute the same
+            # series again and send a second result with other UIDs: the re-run replaces it.
+            # (Only this scheduler thread claims jobs, so none of these can start meanwhile.)
+            for old in self.store.jobs([JobState.WAITING_FOR_MR, JobState.QUEUED], pet_series_uid=pet_uid):
+                if old.id != job.id:
+                    self.store.transition(old.id, JobState.FAILED, now, expect=old.state,
+                                          reason=f"superseded by job {job.id}: late instances re-opened the series")
+                    log.info("job %d superseded by job %d", old.id, job.id)
 
     def _match(self, job: JobRow, now: float) -> None:
         pet = self.store.series(job.pet_series_uid)
@@ -166,8 +193,9 @@ class Node:
             pet_paths = self.store.series_instances(job.pet_series_uid)
             mr_paths = self.store.series_instances(job.mr_series_uid) if job.mr_series_uid else None
             log.info("job %d running: %s on PET %s", job.id, method.value, job.pet_series_uid)
-            pipeline.run(pet_paths, mr_paths, out_dir, method=method, params=params,
-                         options=options, progress=progress)
+            result = pipeline.run(pet_paths, mr_paths, out_dir, method=method, params=params,
+                                  options=options, progress=progress,
+                                  snapshot_epochs=self._snapshot_epochs)
         except Stopping:
             log.info("job %d interrupted by the stop; it resumes at the next start", job.id)
             return
@@ -180,13 +208,19 @@ class Node:
             return
         if self._stop.is_set():  # stopping: leave it RUNNING, the next start resumes it
             return
+        if self._observer is not None:
+            self._observer(job.id, result)
         now = time.time()
         self.store.transition(job.id, JobState.SENDING, now, progress=1.0, output_dir=str(out_dir))
+        self._hand_over(job.id, str(out_dir), now)
+
+    def _hand_over(self, job_id: int, out_dir: str, now: float) -> None:
+        """A SENDING job gets one pending delivery per destination, or is DONE without any."""
         dests = [d.label for d in self.settings.destinations]
         if dests:
-            self.store.add_deliveries(job.id, dests, now)
+            self.store.add_deliveries(job_id, dests, now)
         else:
-            self.store.transition(job.id, JobState.DONE, now, reason="no destinations configured; "
+            self.store.transition(job_id, JobState.DONE, now, reason="no destinations configured; "
                                   f"results kept in {out_dir}")
 
     # -- delivery with retries -------------------------------------------------------------
@@ -201,7 +235,7 @@ class Node:
                 self.store.delivery_result(d.job_id, d.destination, now, ok=False,
                                            error="results missing on disk", next_attempt_at=None)
                 continue
-            report = send_files(files, Peer.parse(d.destination), **wire.sender_options(self.settings))
+            report = send_files(files, Peer.parse(d.destination), **wire.sender_options(self.settings, d.destination))
             ok = report.all_ok
             error = None if ok else (report.error or f"{report.n_failed} instances refused")
             attempts = d.attempts + 1

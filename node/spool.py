@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import shutil
+import struct
 import uuid
 from dataclasses import dataclass, field
 from io import BytesIO
@@ -37,6 +38,11 @@ __all__ = ["GIB", "InvalidUIDError", "Spool", "StoredInstance", "check_uid", "re
 log = logging.getLogger(__name__)
 
 GIB = 1 << 30
+# Pixel Data (7FE0,0010), Float Pixel Data (7FE0,0008) and Double Float Pixel Data (7FE0,0009)
+# as little-endian group, element: an image object carries one of them (the float ones in a
+# Parametric Map, PS3.3 C.7.6.3).
+_PIXEL_DATA_TAGS = (b"\xe0\x7f\x10\x00", b"\xe0\x7f\x08\x00", b"\xe0\x7f\x09\x00")
+_DEFLATED = "1.2.840.10008.1.2.1.99"
 _TMP_SUFFIX = ".tmp"
 
 # PS3.5 9.1: a UID is digit components separated by '.', at most 64 characters. The grammar also
@@ -90,7 +96,8 @@ def read_header(raw: bytes) -> Dataset:
         return ds
     except InvalidUIDError as exc:
         raise StoreRefused(Status.CANNOT_UNDERSTAND, str(exc)) from exc
-    except (InvalidDicomError, AttributeError, KeyError, EOFError, ValueError, OSError) as exc:
+    except (InvalidDicomError, AttributeError, KeyError, EOFError, ValueError, OSError,
+            struct.error) as exc:  # struct.error: pydicom on a length cut short
         # PS3.4 B.2.3: a data set we cannot parse is "cannot understand".
         raise StoreRefused(
             Status.CANNOT_UNDERSTAND, f"header unreadable: {type(exc).__name__}: {exc}"
@@ -148,6 +155,13 @@ class Spool:
                 f"SOP Instance UID: command says {instance.sop_instance_uid}, "
                 f"data set says {sop_uid}",
             )
+        if instance.transfer_syntax_uid != _DEFLATED and not any(
+                tag in instance.raw for tag in _PIXEL_DATA_TAGS):
+            # The node only accepts image SOP classes, whose IODs require Pixel Data (PS3.3
+            # C.7.6.3). Absent tag bytes prove absence without decoding (little endian only;
+            # a deflated stream hides them). Pixel *length* is the series loader's check.
+            raise StoreRefused(Status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                               "no Pixel Data (7FE0,0010) in an image SOP instance")
         free = shutil.disk_usage(self.root).free
         if free - len(instance.raw) < self.min_free_bytes:
             raise StoreRefused(
