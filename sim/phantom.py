@@ -183,8 +183,9 @@ def make_phantom(voxel_mm: float = 2.0, *, crop_margin_vox: int = 2, seed: int =
         lps = np.array([-ras[0], -ras[1], ras[2]])
         return (lps[::-1] - origin_kji) / spacing
 
-    # Nuclei: snap the valley centre to a voxel and the nuclei to whole voxels either side
-    # along i so the valley ROI is the same shape on every grid.
+    # Nuclei: snap the valley centre to a voxel and the nuclei centres to whole voxels either
+    # side along i, so the valley ROI (3x3 in k, j; as wide in i as the gap allows) holds no
+    # partial-volume nucleus voxel on any grid.
     valley_c = np.round(mni_to_kji(MIDBRAIN_MNI_RAS))
     d_vox = max(int(np.ceil(NUCLEUS_HALF_SEPARATION_MM / voxel_mm - 1e-9)), 2)
     frac_left = _sphere_fraction(shape, spacing, valley_c + [0, 0, d_vox], NUCLEUS_RADIUS_MM)   # +i = left

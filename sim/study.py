@@ -59,8 +59,9 @@ def write_phantom_study(out_dir: Path, *, voxel_mm: float = 4.0, dose_fraction: 
     (a PET/MR scanner's case).
     """
     phantom = phantom or make_phantom(voxel_mm)
-    osem = simulate_osem(phantom.activity, dose_fraction, seed=seed)
-    full = simulate_osem(phantom.activity, 1.0, seed=seed + 1)
+    # 4 iterations x 16 subsets: closer to convergence than 3 x 8 (white matter +12 % there).
+    osem = simulate_osem(phantom.activity, dose_fraction, seed=seed, iterations=4, subsets=16)
+    full = simulate_osem(phantom.activity, 1.0, seed=seed + 1, iterations=4, subsets=16)
     pet_affine = phantom_affine(phantom)
     pet_study = new_study(patient_id, seed=f"pet-{seed}")
     if mr_own_study:
