@@ -30,6 +30,10 @@ class MissingAttributeError(DicomInputError):
     """A required attribute is absent or empty."""
 
 
+class MalformedDicomError(DicomInputError):
+    """A file or data set that pydicom cannot decode (bad VR, lengths, pixel data size)."""
+
+
 class DicomOutputError(ValueError):
     """Arguments to a writer that would produce an invalid or misleading object."""
 

@@ -8,6 +8,7 @@ meta from the presentation context, the encoded data set, never decoded and re-e
 from __future__ import annotations
 
 import errno
+import ipaddress
 import logging
 import socket
 import ssl
@@ -109,8 +110,11 @@ class ReceiverConfig:
     ae_title: str = "DIPNODE"
     host: str = "127.0.0.1"
     port: int = 11112
-    allowed_calling_aets: frozenset[str] | None = None  # None: any calling AE title
-    allowed_addresses: frozenset[str] | None = None  # None: any peer address
+    allowed_calling_aets: frozenset[str] | None = None
+    # None: any peer address. Items are addresses or CIDR networks ("10.0.0.0/8").
+    allowed_addresses: frozenset[str] | None = None
+    # A configured but closed node: every association is rejected (settings' empty list).
+    closed: bool = False
     sop_classes: tuple[str, ...] = DEFAULT_SOP_CLASSES  # Verification is always added
     transfer_syntaxes: tuple[str, ...] = DEFAULT_TRANSFER_SYNTAXES
     # False keeps only the native / deflated syntaxes of ``transfer_syntaxes`` (for a site that
@@ -126,8 +130,7 @@ class ReceiverConfig:
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port: expected 0-65535, got {self.port}")
         if self.allowed_calling_aets is not None:
-            aets = self.allowed_calling_aets
-            if not isinstance(aets, frozenset) or not aets:
+            if not isinstance(self.allowed_calling_aets, frozenset) or not self.allowed_calling_aets:
                 raise ConfigError(
                     "allowed_calling_aets: expected None or a non-empty frozenset, "
                     f"got {self.allowed_calling_aets!r}"
@@ -141,6 +144,13 @@ class ReceiverConfig:
                 "allowed_addresses: expected None or a non-empty frozenset, "
                 f"got {self.allowed_addresses!r}"
             )
+        for item in self.allowed_addresses or ():
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ConfigError(
+                    f"allowed_addresses: expected IP addresses or CIDR networks, got {item!r}"
+                ) from None
         if not self.sop_classes:
             raise ConfigError("sop_classes: expected at least one SOP Class UID, got none")
         if not self.offered_transfer_syntaxes:
@@ -203,6 +213,10 @@ class _Handlers:
         self._on_store = on_store
         self._lock = threading.Lock()
         self._counts: dict[int, int] = {}
+        self._networks = (
+            None if config.allowed_addresses is None
+            else tuple(ipaddress.ip_network(a, strict=False) for a in config.allowed_addresses)
+        )
 
     def bindings(self) -> list[tuple[Any, Callable[..., Any]]]:
         return [
@@ -217,10 +231,20 @@ class _Handlers:
         with self._lock:
             self._counts[id(event.assoc)] = 0
 
+    def _address_allowed(self, address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in net for net in self._networks)
+
     def requested(self, event: Event) -> None:
-        allowed = self._config.allowed_addresses
         address = event.assoc.requestor.address
-        if allowed is not None and address not in allowed:
+        if self._config.closed:
+            # PS3.8 7.1.1.9: rejected-permanent, service-user, calling AE title not recognised.
+            event.assoc.acse.send_reject(0x01, 0x01, 0x03)
+            event.assoc.kill()
+        elif self._networks is not None and not self._address_allowed(address):
             # PS3.8 7.1.1.9: rejected-permanent, source service-user, no reason given (there
             # is no "address not allowed" diagnostic).
             event.assoc.acse.send_reject(0x01, 0x01, 0x01)
@@ -278,7 +302,9 @@ class _Handlers:
         elif assoc.is_released:
             outcome = "released"
         else:
-            outcome = "closed"
+            # EVT_CONN_CLOSE fires before pynetdicom marks a peer's A-ABORT on the association:
+            # a connection that ends without A-RELEASE is an abort (PS3.8 7.3-7.4) either way.
+            outcome = "aborted (no release)"
         calling = str(assoc.requestor.ae_title).strip()
         if not calling and assoc.requestor.primitive is not None:
             # Rejected before negotiation (address check): the title is only in the request.

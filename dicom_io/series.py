@@ -20,6 +20,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from dipnode.dicom_io.errors import (
+    MalformedDicomError,
     DicomInputError,
     GeometryError,
     MixedSeriesError,
@@ -52,8 +53,15 @@ def read_files(paths: Iterable[str | Path]) -> ReadReport:
     for p in map(Path, paths):
         try:
             ds = dcmread(p)
+            # pydicom converts element values lazily: touch them all now, so a malformed
+            # element (unknown VR, bad length) is found here and not in a later stage.
+            for _ in ds.iterall():
+                pass
         except (InvalidDicomError, EOFError, OSError) as exc:
             skipped.append((p, f"not a readable DICOM file: {exc}"))
+            continue
+        except Exception as exc:  # untrusted bytes: pydicom raises many types on bad input
+            skipped.append((p, f"malformed DICOM ({type(exc).__name__}: {exc})"))
             continue
         sop_class = str(getattr(ds.get("file_meta", Dataset()), "MediaStorageSOPClassUID", ""))
         if p.name.upper() == "DICOMDIR" or sop_class == _MEDIA_DIRECTORY:
@@ -167,8 +175,24 @@ def _check_same(datasets: list[Dataset], name: str, series: str) -> None:
 
 
 def load_volume(datasets: Iterable[Dataset], modality: str | None = None) -> Volume:
-    """Turn the datasets of one series into a float32 Volume (k, j, i) in real-world units."""
+    """Turn the datasets of one series into a float32 Volume (k, j, i) in real-world units.
+
+    Every failure is a DicomInputError: ours name the attribute and the expected and actual
+    values; anything pydicom or numpy raise on malformed data (short pixel data, bad values)
+    becomes a MalformedDicomError naming the series.
+    """
     dss = list(datasets)
+    try:
+        return _load_volume(dss, modality)
+    except DicomInputError:
+        raise
+    except Exception as exc:  # untrusted data: decoding can fail in many ways
+        series = str(dss[0].get("SeriesInstanceUID", "?")) if dss else "?"
+        raise MalformedDicomError(
+            f"series {series}: malformed data ({type(exc).__name__}: {exc})") from exc
+
+
+def _load_volume(dss: list[Dataset], modality: str | None) -> Volume:
     if not dss:
         raise DicomInputError("load_volume: argument datasets expected at least 2, got 0")
     series, found_modality = _check_common(dss, modality)

@@ -135,24 +135,36 @@ class CompletedSeries:
     rerun: bool  # completed again after late instances re-opened it
 
 
-def is_due(s: SeriesRow, now: float, stable_age_s: float) -> bool:
+def is_due(s: SeriesRow, now: float, stable_age_s: float, listening_since: float | None = None) -> bool:
+    """Complete by count, or by ``stable_age_s`` without a new instance while we listened.
+
+    ``listening_since`` (when this process started receiving): the stable clock does not run
+    while the node was down, because a sender cannot deliver to a node that is not there. A
+    series cut off by a crash or a restart must not complete by age the moment the node comes
+    back (it would run on a partial series, then again as a re-run when the rest arrives).
+    """
     if s.expected_count is not None and s.instance_count >= s.expected_count:
         return True
-    return now - s.last_received_at >= stable_age_s
+    since = s.last_received_at if listening_since is None else max(s.last_received_at, listening_since)
+    return now - since >= stable_age_s
 
 
-def due_for_completion(store: Store, now: float, stable_age_s: float) -> list[str]:
-    """UIDs of receiving series that are complete by count or by stable age at ``now``."""
+def due_for_completion(store: Store, now: float, stable_age_s: float,
+                       listening_since: float | None = None) -> list[str]:
+    """UIDs of receiving series that are complete by count or by stable age at ``now``
+    (see :func:`is_due` for ``listening_since``)."""
     if not stable_age_s > 0:
         raise ValueError(f"stable_age_s: expected a number > 0, got {stable_age_s!r}")
-    return [s.series_uid for s in store.incomplete_series() if is_due(s, now, stable_age_s)]
+    return [s.series_uid for s in store.incomplete_series()
+            if is_due(s, now, stable_age_s, listening_since)]
 
 
-def complete_due(store: Store, now: float, stable_age_s: float) -> list[CompletedSeries]:
+def complete_due(store: Store, now: float, stable_age_s: float,
+                 listening_since: float | None = None) -> list[CompletedSeries]:
     """Mark every due series complete and report them. A series that received an instance
     between the check and the mark is left receiving (the store compares instance counts)."""
     done: list[CompletedSeries] = []
-    for uid in due_for_completion(store, now, stable_age_s):
+    for uid in due_for_completion(store, now, stable_age_s, listening_since):
         before = store.series(uid)
         if before is None or not store.mark_series_complete(uid, now, if_instance_count=before.instance_count):
             continue

@@ -79,6 +79,40 @@ class NodeSettings(_Section):
     max_pdu: int = Field(16382, ge=0, le=2**32 - 1)
     idle_timeout_s: float = Field(60.0, gt=0)
     accept_compressed: bool = True  # offer JPEG/JPEG 2000/JPEG-LS/RLE transfer syntaxes too
+    # PS3.15 B.1 (Basic TLS Secure Transport Connection Profile): set cert and key to listen
+    # with TLS only; tls_ca verifies client certificates, required when tls_require_client_cert.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
+    tls_require_client_cert: bool = False
+
+    @field_validator("max_pdu")
+    @classmethod
+    def _pdu(cls, v: int) -> int:
+        # PS3.8 D.1: 0 (no limit) or room for the PDV header; pynetdicom refuses less than 4096.
+        if v != 0 and v < 4096:
+            raise ValueError(f"expected 0 (no limit) or >= 4096, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _tls(self) -> "NodeSettings":
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError(
+                f"tls_cert, tls_key: expected both or neither, got tls_cert={self.tls_cert!r}, "
+                f"tls_key={self.tls_key!r}"
+            )
+        if self.tls_require_client_cert and (self.tls_cert is None or self.tls_ca is None):
+            raise ValueError(
+                "tls_require_client_cert: expected tls_cert, tls_key and tls_ca to be set, got "
+                f"tls_cert={self.tls_cert!r}, tls_ca={self.tls_ca!r}"
+            )
+        if self.tls_ca is not None and self.tls_cert is None:
+            raise ValueError(f"tls_ca: expected only with tls_cert and tls_key, got {self.tls_ca!r}")
+        return self
+
+    @property
+    def tls_enabled(self) -> bool:
+        return self.tls_cert is not None
 
     @field_validator("ae_title")
     @classmethod
@@ -210,6 +244,7 @@ class Destination(_Section):
     ae_title: str
     host: str
     port: int = Field(ge=1, le=65535)
+    tls: bool | None = None  # None: [sender] tls decides
 
     @field_validator("ae_title")
     @classmethod
@@ -228,6 +263,13 @@ class SenderSettings(_Section):
     backoff_max_s: float = Field(300.0, ge=0)
     timeout_s: float = Field(30.0, gt=0)
     calling_ae: str | None = None  # None: the node's own AE title (see Settings.calling_ae)
+    # TLS for sending (PS3.15 B.1): tls is the default for every destination (a destination's
+    # own tls overrides it); tls_ca verifies the peer (None: the system's CAs); tls_cert and
+    # tls_key are our client certificate for peers that require one.
+    tls: bool = False
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
 
     @field_validator("calling_ae")
     @classmethod
@@ -236,6 +278,11 @@ class SenderSettings(_Section):
 
     @model_validator(mode="after")
     def _order(self) -> "SenderSettings":
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError(
+                f"tls_cert, tls_key: expected both or neither, got tls_cert={self.tls_cert!r}, "
+                f"tls_key={self.tls_key!r}"
+            )
         if self.backoff_max_s < self.backoff_s:
             raise ValueError(
                 f"backoff_max_s: expected >= backoff_s ({self.backoff_s}), got {self.backoff_max_s}"
