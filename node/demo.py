@@ -14,12 +14,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pydicom
 from tqdm import tqdm
 
 from dipnode.dicom_io.scp import ReceivedInstance, ReceiverConfig, start_receiver
 from dipnode.dicom_io.scp import DEFAULT_SOP_CLASSES
 from dipnode.dicom_io.scu import PARAMETRIC_MAP_STORAGE, Destination, send_files
-from dipnode.dicom_io.series import load_volume, read_datasets, split_series
+from dipnode.dicom_io.series import load_volume, read_datasets
 from dipnode.dicom_io.status import Status
 from dipnode.node import pipeline
 from dipnode.node.commands import default_preset_name, resolve_params
@@ -91,9 +92,14 @@ def run_demo(out: Path, *, preset_name: str | None = None, voxel_mm: float | Non
         pacs.stop()
 
     say("[4/5] reading the results back from the receiving store")
-    received = split_series(read_datasets(sorted((work / "pacs").rglob("*.dcm"))))
-    by_number = {int(g[0].SeriesNumber): g for g in received.values()}
-    sdip_vol = load_volume(by_number[settings.output.series_number_pet], modality="PT")
+    files = sorted((work / "pacs").rglob("*.dcm"))
+    headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+    by_number: dict[int, list] = {}
+    for h in headers:
+        by_number.setdefault(int(h.SeriesNumber), []).append(h)
+    pet_files = [f for f, h in zip(files, headers)
+                 if int(h.SeriesNumber) == settings.output.series_number_pet]
+    sdip_vol = load_volume(read_datasets(pet_files), modality="PT")
     run = results[job.id]  # the node's own fit, kept in memory for the curves
     fit, pet = run.denoised, run.pet
     # What the PACS got (16-bit DICOM, read back) against the fit's float output.
@@ -136,9 +142,10 @@ def _follow_job(node: Node):
             jobs = node.store.jobs()
             if jobs:
                 job = jobs[-1]
-                if bar.disable and job.state != last_state:
-                    say(f"      job {job.id}: {job.state.value}")
-                last_state = job.state
+                decile = int(job.progress * 10)
+                if bar.disable and (job.state, decile) != last_state:
+                    say(f"      job {job.id}: {job.state.value} {decile * 10}%")
+                last_state = (job.state, decile)
                 bar.set_description(job.state.value)
                 bar.update(int(job.progress * 100) - bar.n)
                 if job.state.terminal:
