@@ -5,6 +5,7 @@ Import from a test module (pyproject puts tests/ on the path) with::
     from peers import OrthancPeer, StorescpPeer, free_port, run_echoscu, run_storescu
 
 API (keep it small):
+- ``dciodvfy_errors(path) -> list[str]``: dciodvfy's Error/Abort lines for one file.
 - ``free_port() -> int``: a TCP port the OS just reported free on 127.0.0.1.
 - ``OrthancPeer(workdir, aet="ORTHANC", dicom_port=None)``: context manager; ``.dicom_port``,
   ``.http_port``, ``.aet``, ``.get(path) -> JSON``, ``.get_bytes(path)``, ``.instance_count()``,
@@ -58,6 +59,14 @@ def require(tool: str) -> str:
     if path is None:
         pytest.fail(f"{tool} not installed: .ci/run installs dcmtk, orthanc and dicom3tools")
     return path
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    """dicom3tools' dciodvfy on one file: its "Error" lines (and an "Abort"), warnings ignored."""
+    proc = subprocess.run([require("dciodvfy"), str(path)], capture_output=True, text=True,
+                          timeout=60)
+    return [ln for ln in (proc.stdout + proc.stderr).splitlines()
+            if ln.startswith(("Error", "Abort"))]
 
 
 def free_port() -> int:

@@ -1,32 +1,19 @@
 """Shared fixtures for the DICOM file boundary tests: dciodvfy and tiny synthetic studies."""
 from __future__ import annotations
 
-import shutil
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+import peers
 from dipnode.sim.dicom_study import StudyInfo, new_study
-
-
-def run_dciodvfy(path: Path) -> list[str]:
-    """Run dicom3tools' dciodvfy on one file; return its "Error" lines (warnings ignored)."""
-    exe = shutil.which("dciodvfy")
-    if exe is None:
-        pytest.skip("dciodvfy (Debian package dicom3tools) is not installed")
-    proc = subprocess.run([exe, str(path)], capture_output=True, text=True, timeout=60)
-    lines = (proc.stdout + proc.stderr).splitlines()
-    if any(line.startswith("Abort") for line in lines):
-        return [f"dciodvfy aborted: {lines}"]
-    return [line for line in lines if line.startswith("Error")]
 
 
 @pytest.fixture
 def dciodvfy_errors() -> Callable[[Path], list[str]]:
-    return run_dciodvfy
+    return peers.dciodvfy_errors
 
 
 @pytest.fixture

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -11,15 +9,7 @@ import pytest
 from pydicom import dcmread
 
 from dipnode.sim.dicom_study import new_study, write_mr_series, write_pet_series
-
-
-def _dciodvfy_errors(path: Path) -> list[str]:
-    exe = shutil.which("dciodvfy")
-    if exe is None:
-        pytest.skip("dciodvfy (Debian package dicom3tools) is not installed")
-    proc = subprocess.run([exe, str(path)], capture_output=True, text=True, timeout=60)
-    lines = (proc.stdout + proc.stderr).splitlines()
-    return [ln for ln in lines if ln.startswith(("Error", "Abort"))]
+from peers import dciodvfy_errors
 
 
 def _affine() -> np.ndarray:
@@ -46,7 +36,7 @@ def test_pet_headers_are_realistic_and_valid(tmp_path: Path) -> None:
                              injected_dose_bq=200e6, weight_kg=81.5)
     assert len(paths) == 4
     for path in paths:
-        assert _dciodvfy_errors(path) == []
+        assert dciodvfy_errors(path) == []
     ds = dcmread(paths[2])
     assert (ds.Modality, ds.Units, ds.DecayCorrection) == ("PT", "BQML", "START")
     assert list(ds.CorrectedImage) == ["DECY", "ATTN", "SCAT", "DTIM", "RAN", "NORM"]
@@ -87,7 +77,7 @@ def test_mr_is_3d_in_its_own_frame_and_valid(tmp_path: Path) -> None:
     paths = write_mr_series(np.random.default_rng(2).random((3, 8, 6)), affine, tmp_path, study=study,
                             frame_of_reference_uid="1.2.826.0.1.3680043.2.1125.77")
     for path in paths:
-        assert _dciodvfy_errors(path) == []
+        assert dciodvfy_errors(path) == []
     ds = dcmread(paths[0])
     assert (ds.Modality, ds.MRAcquisitionType) == ("MR", "3D")
     assert ds.FrameOfReferenceUID == "1.2.826.0.1.3680043.2.1125.77"
