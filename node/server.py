@@ -17,14 +17,14 @@ from pathlib import Path
 from dipnode.dicom_io.scp import ReceivedInstance, start_receiver
 from dipnode.dicom_io.scu import Destination as Peer
 from dipnode.dicom_io.scu import send_files
-from dipnode.dicom_io.status import Status
+from dipnode.dicom_io.status import Status, StoreRefused
 from dipnode.models.params import DipParams, Method
 from dipnode.node import pipeline, wire
 from dipnode.node.completion import complete_due, instance_record
 from dipnode.node.executor import ExecutorBusy, LocalExecutor
 from dipnode.node.matching import DecisionKind, decide
 from dipnode.node.settings import Settings
-from dipnode.node.spool import Spool
+from dipnode.node.spool import Spool, read_header
 from dipnode.node.store import JobRow, JobState, Store
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,7 @@ class Node:
     # -- life cycle ------------------------------------------------------------------------
     def start(self) -> None:
         removed = self.spool.recover()
+        self.index_orphans()
         now = time.time()
         resumed = self.store.resume_after_restart(now)
         if removed or resumed.requeued or resumed.sending:
@@ -85,6 +86,26 @@ class Node:
         self._scheduler.start()
         log.info("dipnode %s listening as %s on %s:%d", pipeline.software_version(),
                  self.settings.node.ae_title, self.settings.node.host, self.port)
+
+    def index_orphans(self) -> int:
+        """Index whole spool files that the index lacks: a kill between the spool's rename and
+        the index write leaves one (the sender saw no success and may never re-send it)."""
+        known = self.store.indexed_paths()
+        found = 0
+        for path in sorted(self.spool.instances.rglob("*.dcm")):
+            if path in known:
+                continue
+            try:
+                header = read_header(path.read_bytes())
+                ts = str(header.file_meta.TransferSyntaxUID)
+            except (StoreRefused, OSError, AttributeError) as exc:
+                log.warning("spool file %s is not indexable (%s); left in place", path, exc)
+                continue
+            self.store.record_instance(instance_record(header, path, ts), time.time())
+            found += 1
+        if found:
+            log.info("indexed %d spool files the index lacked (stored before a crash)", found)
+        return found
 
     @property
     def port(self) -> int:

@@ -378,6 +378,10 @@ class Store:
         rows = self._query("SELECT path FROM instances WHERE series_uid = ? ORDER BY received_at, rowid", (uid,))
         return [Path(r[0]) for r in rows]
 
+    def indexed_paths(self) -> set[Path]:
+        """Every instance path in the index (start-up uses it to find unindexed spool files)."""
+        return {Path(r[0]) for r in self._query("SELECT path FROM instances")}
+
     def incomplete_series(self) -> list[SeriesRow]:
         rows = self._query("SELECT * FROM series WHERE state = 'receiving' ORDER BY first_received_at")
         return [_series(r) for r in rows]
