@@ -229,40 +229,79 @@ def send_files(
                                           f"unreadable: {type(exc).__name__}: {exc}"))
     total = len(results) + len(described)
     ae = _make_ae(calling_ae, timeout_s)
-    handlers = [(evt.EVT_CONN_OPEN, set_tcp_nodelay)]
     association_ok = True
     error: str | None = None
+    done = len(results)
+
+    def one_done(_result: InstanceResult) -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(done, total)
+
     for batch in _batches(described):
-        contexts = build_contexts([(i.sop_class_uid, i.transfer_syntax_uid) for i in batch])
-        assoc = ae.associate(
-            destination.host,
-            destination.port,
-            contexts=contexts,
-            ae_title=destination.ae_title,
-            evt_handlers=handlers,
-            tls_args=_tls_args(tls, destination),
-        )
-        if not assoc.is_established:
+        outcome: dict[int, InstanceResult] = {}  # by position in the batch
+        todo = list(range(len(batch)))
+        for attempt in range(1 + LOST_RESPONSE_RETRIES):
+            sent, batch_error, aborted = _send_batch(
+                ae, [batch[i] for i in todo], destination, tls, one_done if attempt == 0 else None)
+            outcome.update(zip(todo, sent))
+            # A store with no response on an association that then aborted may be a response
+            # pynetdicom's reactor thread took off the queue before send_c_store could (a race
+            # seen under CPU load, pynetdicom issue #850): C-STORE is idempotent, so those
+            # instances go again, once, on a fresh association.
+            lost = [i for i in todo if outcome[i].status is None]
+            if not (aborted and lost):
+                break
+            log.warning("association with %s aborted with %d instance(s) unanswered; "
+                        "sending them again (attempt %d)", destination, len(lost), attempt + 2)
+            todo = lost
+        if batch_error is not None:
             association_ok = False
-            error = _association_error(assoc, destination)
-            log.warning("%s", error)
-            results.extend(InstanceResult(i.label, i.sop_instance_uid, None, False, error)
-                           for i in batch)
-            continue
-        try:
-            for item in batch:
-                results.append(_store_one(assoc, item))
-                if progress is not None:
-                    progress(len(results), total)
-        finally:
-            if assoc.is_established:
-                assoc.release()
-        if assoc.is_aborted:
-            association_ok = False
-            error = f"association with {destination} aborted during transfer"
+            error = batch_error
+        results.extend(outcome[i] for i in range(len(batch)))
     report = SendReport(destination, tuple(results), association_ok, error)
     log.info("sent to %s: %d ok, %d failed", destination, report.n_ok, report.n_failed)
     return report
+
+
+LOST_RESPONSE_RETRIES = 1
+
+
+def _send_batch(ae: AE, batch: list[_Item], destination: Destination, tls: ssl.SSLContext | None,
+                on_result: Callable[[InstanceResult], None] | None,
+                ) -> tuple[list[InstanceResult], str | None, bool]:
+    """One association for one batch: (a result per item, error or None, aborted during
+    transfer)."""
+    contexts = build_contexts([(i.sop_class_uid, i.transfer_syntax_uid) for i in batch])
+    assoc = ae.associate(
+        destination.host,
+        destination.port,
+        contexts=contexts,
+        ae_title=destination.ae_title,
+        evt_handlers=[(evt.EVT_CONN_OPEN, set_tcp_nodelay)],
+        tls_args=_tls_args(tls, destination),
+    )
+    if not assoc.is_established:
+        error = _association_error(assoc, destination)
+        log.warning("%s", error)
+        failed = [InstanceResult(i.label, i.sop_instance_uid, None, False, error) for i in batch]
+        for r in failed:
+            if on_result is not None:
+                on_result(r)
+        return failed, error, False
+    results: list[InstanceResult] = []
+    try:
+        for item in batch:
+            results.append(_store_one(assoc, item))
+            if on_result is not None:
+                on_result(results[-1])
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    if assoc.is_aborted:
+        return results, f"association with {destination} aborted during transfer", True
+    return results, None, False
 
 
 def _store_one(assoc: object, item: _Item) -> InstanceResult:
