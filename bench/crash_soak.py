@@ -43,6 +43,10 @@ import pydicom
 from dipnode.dicom_io.scu import Destination, echo, send_files
 from dipnode.sim.dicom_study import new_study, write_mr_series, write_pet_series
 
+# DCMTK's tools by their own folder: pynetdicom installs Python apps of the same names
+# (storescu, storescp) into the venv's bin, which an activated venv puts first on PATH.
+DCMTK_BIN = os.environ.get("DCMTK_BIN", "/usr/bin")
+
 LOOPBACK = "127.0.0.1"
 NODE_AET = "DIPNODE"
 TERMINAL = ("done", "failed")
@@ -138,7 +142,7 @@ class StorescpPacs:
     """DCMTK storescp as the destination the node delivers to (bytes as received, +B)."""
 
     def __init__(self, outdir: Path, log_path: Path, aet: str = "PACS", timeout_s: float = 20.0) -> None:
-        exe = shutil.which("storescp")
+        exe = shutil.which("storescp", path=DCMTK_BIN)
         if exe is None:
             raise RuntimeError("storescp (Debian package dcmtk) not installed")
         self.outdir, self.aet, self.port = Path(outdir), aet, free_port()

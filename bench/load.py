@@ -44,6 +44,10 @@ from crash_soak import (  # noqa: E402 - the bench folder is not a package
 from dipnode.dicom_io.scu import Destination, send_files  # noqa: E402
 from dipnode.sim.dicom_study import new_study, write_pet_series  # noqa: E402
 
+# DCMTK's tools by their own folder: pynetdicom installs Python apps of the same names
+# (storescu, storescp) into the venv's bin, which an activated venv puts first on PATH.
+DCMTK_BIN = os.environ.get("DCMTK_BIN", "/usr/bin")
+
 
 def _rss_kib(pid: int, field_name: str = "VmRSS") -> int | None:
     try:
@@ -134,7 +138,7 @@ _DCMTK_RSP = re.compile(r"Received Store Response \((\w+)")
 def _push_storescu(files: list[Path], dest: Destination, aet: str) -> _Outcome:
     # DCMTK storescu, one process and one association per sender; -v prints one
     # "Received Store Response (Success)" per acknowledged instance, in order.
-    cmd = [shutil.which("storescu") or "storescu", "-v", "-aet", aet, "-aec", dest.ae_title,
+    cmd = [shutil.which("storescu", path=DCMTK_BIN) or "storescu", "-v", "-aet", aet, "-aec", dest.ae_title,
            "-to", "60", "-ta", "60", "-td", "60", dest.host, str(dest.port), *map(str, files)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "TCP_NODELAY": "1"})

@@ -53,9 +53,19 @@ def _env() -> dict[str, str]:
     return {**os.environ, "TCP_NODELAY": "1"}
 
 
+# pynetdicom installs Python apps named echoscu, storescu, storescp... into the virtual
+# environment's bin, which comes first on PATH in an activated venv (.ci/run): DCMTK's tools
+# are therefore looked up in DCMTK's own folder, never on PATH.
+DCMTK_BIN = os.environ.get("DCMTK_BIN", "/usr/bin")
+DCMTK_TOOLS = frozenset({"echoscu", "storescu", "storescp", "dcmdump", "findscu", "movescu"})
+
+
 def require(tool: str) -> str:
     """Path of ``tool``; a missing peer FAILS the test (CI installs every peer: no silent skip)."""
-    path = shutil.which(tool) or (tool if os.path.isfile(tool) else None)
+    if tool in DCMTK_TOOLS:
+        path = shutil.which(tool, path=DCMTK_BIN)
+    else:
+        path = shutil.which(tool) or (tool if os.path.isfile(tool) else None)
     if path is None:
         pytest.fail(f"{tool} not installed: .ci/run installs dcmtk, orthanc and dicom3tools")
     return path
