@@ -3,7 +3,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 from dipnode.models.denoise import DenoiseInputError, DenoiseResult, denoise
 from dipnode.models.gaussian import FWHM_PER_SIGMA, gaussian_filter_fwhm
@@ -14,13 +13,7 @@ PARAMS = preset("tiny").replace(max_iter=4, device="cpu")
 SPACING = (2.0, 2.5, 2.5)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # See test_dip.py: 1 thread is faster for tiny volumes on a shared CI box.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/models/conftest.py
 
 
 def phantom(shape=(8, 10, 12)):

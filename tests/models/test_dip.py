@@ -14,14 +14,7 @@ PARAMS = preset("tiny").replace(max_iter=5, device="cpu")
 SHAPE = (8, 12, 10)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny volumes gain nothing from threads, and on a shared 2-core CI box OpenMP spin-waits
-    # make 2 threads ~5x slower than 1. Bit-identity holds per thread count either way.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/models/conftest.py
 
 
 def phantom(seed=0, shape=SHAPE):

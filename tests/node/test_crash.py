@@ -3,30 +3,16 @@ and jobs run, restart it, and check that nothing acknowledged is lost (bench/cra
 the machinery; the benchmark runs the same with 20+ kills)."""
 from __future__ import annotations
 
-import importlib.util
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from benchmods import load_bench
+
 pytestmark = [pytest.mark.network, pytest.mark.slow]
 
-_BENCH = Path(__file__).resolve().parents[2] / "bench"
-
-
-def _load(name: str):
-    # bench/ is a folder of scripts, not a package: load the module from its file.
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, _BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-crash_soak = _load("crash_soak")
+crash_soak = load_bench("crash_soak")
 
 
 @pytest.mark.timeout(170)

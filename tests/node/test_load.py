@@ -2,29 +2,15 @@
 (bench/load.py is the machinery; the benchmark runs it at 64x64 or 128x128)."""
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 
+from benchmods import load_bench
+
 pytestmark = [pytest.mark.network, pytest.mark.slow]
 
-_BENCH = Path(__file__).resolve().parents[2] / "bench"
-
-
-def _load(name: str):
-    # bench/ is a folder of scripts, not a package: load the module from its file.
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, _BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-load = _load("load")
+load = load_bench("load")
 
 
 @pytest.mark.timeout(120)
