@@ -133,14 +133,18 @@ class Decision:
     wait_until: float | None = None  # for WAIT: when the fallback applies
 
 
-def decide(pet: SeriesRow, candidates: list[SeriesRow], now: float, settings: "Settings") -> Decision:
+def decide(pet: SeriesRow, candidates: list[SeriesRow], now: float, settings: "Settings", *,
+           method: Method | None = None, listening_since: float | None = None) -> Decision:
     """What to do with a complete PET now, honouring ``mr_wait_s`` and ``fallback``.
 
+    method: the job's method (a QA re-run may differ from the node's); default the settings'.
+    listening_since: when this process started receiving; the wait does not count the node's
+    downtime (an MR cannot arrive while the node is down).
     The wait runs from the PET's completion. An eligible MR still arriving keeps the PET
     waiting even past ``mr_wait_s``, for at most another ``mr_wait_s``, since its arrival
     shows the MR is on its way.
     """
-    method = settings.method.name
+    method = method or settings.method.name
     if not method.needs_mr:
         return Decision(DecisionKind.NO_MR_NEEDED, method, reason=f"method {method.value} needs no MR")
     report = rank_mr(pet, candidates, MatchRules.from_settings(settings))
@@ -152,6 +156,8 @@ def decide(pet: SeriesRow, candidates: list[SeriesRow], now: float, settings: "S
         ))
     wait_s = settings.matching.mr_wait_s
     since = pet.completed_at if pet.completed_at is not None else pet.last_received_at
+    if listening_since is not None:
+        since = max(since, listening_since)
     deadline = since + wait_s * (2 if report.waiting_for else 1)
     if now < deadline:
         why = f"MR series {list(report.waiting_for)} still arriving" if report.waiting_for else "no eligible MR yet"

@@ -175,14 +175,15 @@ class Node:
             self.store.transition(job.id, JobState.FAILED, now, reason="PET series vanished from the index")
             return
         candidates = self.store.related_series(pet.study_uid, pet.patient_id, pet.issuer)
-        decision = decide(pet, candidates, now, self.settings)
+        decision = decide(pet, candidates, now, self.settings, method=Method(job.method),
+                          listening_since=self._listening_since)
         if decision.kind is DecisionKind.WAIT:
             return
         if decision.kind is DecisionKind.FAIL:
             self.store.transition(job.id, JobState.FAILED, now, reason=decision.reason)
             log.warning("job %d failed: %s", job.id, decision.reason)
             return
-        method = decision.method or Method(job.method)
+        method = decision.method or Method(job.method)  # the job's, or Gaussian as a fallback
         self.store.transition(job.id, JobState.QUEUED, now, method=method.value,
                               mr_series_uid=decision.mr.series_uid if decision.mr else None,
                               reason=decision.reason or None)

@@ -131,3 +131,20 @@ def test_gaussian_method_needs_no_mr():
     s = Settings(node={"allowed_calling_aets": ["*"]}, method={"name": "gaussian"})
     d = decide(PET, [], now=0.0, settings=s)
     assert d.kind is DecisionKind.NO_MR_NEEDED and d.method is Method.GAUSSIAN
+
+
+def test_decide_keeps_the_jobs_method_for_a_qa_rerun():
+    mr = row("MR1", series_description="T1")
+    d = decide(PET, [mr], now=131.0, settings=settings(), method=Method.CDIP)
+    assert d.kind is DecisionKind.PAIR and d.method is Method.CDIP
+    # A Gaussian re-run on an SDIP node needs no MR.
+    d = decide(PET, [], now=131.0, settings=settings(), method=Method.GAUSSIAN)
+    assert d.kind is DecisionKind.NO_MR_NEEDED and d.method is Method.GAUSSIAN
+
+
+def test_mr_wait_does_not_count_the_nodes_downtime():
+    s = settings(mr_wait_s=600)
+    # The PET completed at 130; the node was down until 5000: the MR gets 600 s from then.
+    d = decide(PET, [], now=5000.0 + 599, settings=s, listening_since=5000.0)
+    assert d.kind is DecisionKind.WAIT and d.wait_until == 5600.0
+    assert decide(PET, [], now=5600.0, settings=s, listening_since=5000.0).kind is DecisionKind.FALLBACK
