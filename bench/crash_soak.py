@@ -119,8 +119,9 @@ def write_config(workdir: Path, port: int, *, method: dict[str, object],
         "storage": {"spool_dir": str(workdir / "spool"), "database": str(workdir / "dipnode.sqlite"),
                     "min_free_mb": 0},
         "series": {"stable_age_s": stable_age_s, "check_interval_s": 0.2},
-        # Long MR wait: the soak's kills come every few seconds and the wait is wall time
-        # (downtime included), so a short one would turn SDIP jobs into Gaussian fallbacks.
+        # Long MR wait: the soak's kills come every few seconds, and an MR series needs a
+        # stable age of uptime to complete, so a short wait would turn SDIP jobs into
+        # Gaussian fallbacks (the wait itself no longer counts downtime).
         "matching": {"mr_wait_s": 600.0, "fallback": "gaussian"},
         "method": {"device": "cpu", **method},
         "sender": {"retries": 50, "backoff_s": 0.2, "backoff_max_s": 1.0, "timeout_s": 10.0},

@@ -38,12 +38,7 @@ def _check(source: Volume, values: np.ndarray) -> np.ndarray:
     if source.sop_class_uid != PositronEmissionTomographyImageStorage:
         raise DicomOutputError(f"write_derived_pet: source.sop_class_uid expected PET Image Storage "
                                f"{PositronEmissionTomographyImageStorage}, got {source.sop_class_uid}")
-    arr = np.asarray(values)
-    if arr.shape != source.geometry.shape:
-        raise DicomOutputError(f"write_derived_pet: values shape expected {source.geometry.shape} "
-                               f"(source grid), got {arr.shape}")
-    if not np.all(np.isfinite(arr)):
-        raise DicomOutputError("write_derived_pet: values expected finite numbers, got NaN or inf")
+    arr = source.values_on_grid(values, "write_derived_pet", "values")
     if len(source.headers) != arr.shape[0]:
         raise DicomOutputError(f"write_derived_pet: source.headers expected {arr.shape[0]} slices, "
                                f"got {len(source.headers)}")

@@ -36,12 +36,7 @@ def write_stability_map(
     mr_reference_note: str = "",
 ) -> ParametricMap:
     """Return a Parametric Map of ``stability`` (k, j, i) on ``source``'s grid."""
-    arr = np.asarray(stability)
-    if arr.shape != source.geometry.shape:
-        raise DicomOutputError(f"write_stability_map: stability shape expected "
-                               f"{source.geometry.shape} (source grid), got {arr.shape}")
-    if not np.all(np.isfinite(arr)):
-        raise DicomOutputError("write_stability_map: stability expected finite numbers, got NaN or inf")
+    arr = source.values_on_grid(stability, "write_stability_map", "stability")
     value, scheme, meaning = unit
     if scheme != "UCUM":
         raise DicomOutputError(f"write_stability_map: unit coding scheme expected UCUM, got {scheme}")

@@ -57,3 +57,18 @@ class Volume:
     headers: tuple[Dataset, ...] = field(repr=False)
     units: str = ""
     notes: tuple[str, ...] = ()  # what the loader corrected and why (e.g. dropped duplicates)
+
+    def values_on_grid(self, values: np.ndarray, who: str, what: str) -> np.ndarray:
+        """``values`` as an array on this volume's grid, all finite; writers call this first.
+
+        who, what: the writer and its argument, named in the error (DicomOutputError).
+        """
+        from dipnode.dicom_io.errors import DicomOutputError
+
+        arr = np.asarray(values)
+        if arr.shape != self.geometry.shape:
+            raise DicomOutputError(f"{who}: {what} shape expected {self.geometry.shape} "
+                                   f"(source grid), got {arr.shape}")
+        if not np.all(np.isfinite(arr)):
+            raise DicomOutputError(f"{who}: {what} expected finite numbers, got NaN or inf")
+        return arr
