@@ -15,7 +15,9 @@ be mistaken for the scanner connect from other loopback addresses (127.0.0.2 ...
 ``--rss``: ten associations at once, each from its own address, against a node with the
 shipped limits (max_associations 10, max_instance_mb 64): (a) ten data sets of 96 MiB (cut
 at 64 MiB and refused), (b) ten of 62 MiB (accepted: the largest legal instance), (c) ten
-deflate bombs (100 kB inflating to 512 MiB). The node's VmRSS is sampled every 20 ms.
+deflated ones of 62 MiB that do not compress (the worst accepted case: wire buffer, file
+bytes and inflated copy), (d) ten deflate bombs (0.5 MB inflating to 512 MiB). The node's
+VmRSS is sampled every 20 ms.
 
 The attacks are reused by tests/node/test_hostile.py (one test per attack, same checks).
 """
@@ -608,6 +610,9 @@ def _big(path: Path, rows: int) -> Path:
     return path
 
 
+RSS_KINDS = ("oversized", "largest accepted", "largest deflated", "deflate bomb")
+
+
 def measure_rss(out: Path, kind: str, n: int = 10, say: Callable[[str], None] = print) -> dict[str, object]:
     """Peak VmRSS of a node with the shipped limits while ``n`` peers send at once."""
     t = Target(out / kind, {"max_associations": 10, "max_associations_per_address": 5,
@@ -619,8 +624,14 @@ def measure_rss(out: Path, kind: str, n: int = 10, say: Callable[[str], None] = 
             path, syntax = _big(out / "largest.dcm", 5700), ExplicitVRLittleEndian  # 62 MiB
         elif kind == "deflate bomb":
             path, syntax = write_file(out / "bomb.dcm", deflate_bomb(512 * MIB)), DeflatedExplicitVRLittleEndian
+        elif kind == "largest deflated":
+            # Noise does not compress: ~62 MiB on the wire that inflate to ~62 MiB (three copies).
+            ds = pet_dataset(Rows=5700, Columns=5700)
+            ds.PixelData = np.random.default_rng(0).integers(0, 2**16, 5700 * 5700, dtype=np.uint16).tobytes()
+            path = write_file(out / "largest-deflated.dcm", file_bytes(ds, DeflatedExplicitVRLittleEndian))
+            syntax = DeflatedExplicitVRLittleEndian
         else:
-            raise ValueError(f"measure_rss: kind expected oversized, largest accepted or deflate bomb, got {kind!r}")
+            raise ValueError(f"measure_rss: kind expected one of {RSS_KINDS}, got {kind!r}")
         time.sleep(1.0)
         before = _rss_kib(t.node.pid) or 0
         sampler = RssSampler(t.node.pid)
@@ -663,7 +674,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"node log free of NUL/ESC bytes and lines over 2000 characters: {clean}")
     result: dict[str, object] = {"attacks": [asdict(r) for r in rows], "log_clean": clean}
     if args.rss:
-        result["rss"] = [measure_rss(args.out, kind) for kind in ("oversized", "largest accepted", "deflate bomb")]
+        result["rss"] = [measure_rss(args.out, kind) for kind in RSS_KINDS]
     (args.out / "hostile.json").write_text(json.dumps(result, indent=2))
     ok = clean and all(r.as_expected and r.kept_serving and r.restarted for r in rows)
     return 0 if ok else 1
