@@ -55,13 +55,14 @@ def _encode_slice(plane: np.ndarray) -> tuple[bytes, float]:
     return stored.tobytes(), slope
 
 
-def _keep_text_bytes(ds: Dataset, raw: dict[int, RawDataElement]) -> None:
+def keep_text_bytes(ds: Dataset, raw: dict[int, RawDataElement]) -> None:
     """Put back, as received, every source text element that ``ds`` still carries unchanged.
 
     Copying decodes (pydicom) and re-encodes text; bytes that do not decode in the declared
     character set (invalid UTF-8 under ISO_IR 192, say) would come back as U+FFFD. A patient's
     name must be carried byte for byte, so an element whose value is still the source's is
-    replaced by the source's raw element; what the writer set itself stays its own.
+    replaced by the source's raw element; what the writer set itself stays its own. (Any
+    writer that copies source attributes can call it; the Parametric Map writer does not yet.)
     """
     encodings = ds._character_set
     for tag, elem in raw.items():
@@ -107,7 +108,7 @@ def write_derived_pet(source: Volume, values: np.ndarray, spec: OutputSpec) -> l
             # General Series needs Laterality (2C) unless the part is unpaired: brain PET.
             ds.BodyPartExamined = "HEAD"
         if k < len(source.raw_text):
-            _keep_text_bytes(ds, dict(source.raw_text[k]))
+            keep_text_bytes(ds, dict(source.raw_text[k]))
         pixels, slope = _encode_slice(arr[k])
         ds.SamplesPerPixel = 1
         ds.PhotometricInterpretation = "MONOCHROME2"
