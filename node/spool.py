@@ -29,7 +29,6 @@ from pathlib import Path
 from pydicom import Dataset
 
 from dipnode.dicom_io.intake import InvalidUIDError, Header, check_uid, read_received
-from dipnode.dicom_io.intake import dataset_bytes as dataset_bytes
 from dipnode.dicom_io.scp import ReceivedInstance
 from dipnode.dicom_io.status import Status, StoreRefused
 
