@@ -115,7 +115,9 @@ def write_config(workdir: Path, port: int, *, method: dict[str, object],
                  stable_age_s: float = 2.0, extra: dict[str, dict[str, object]] | None = None) -> Path:
     """A settings TOML for a soak/load node: loopback, any caller, quick completion."""
     sections: dict[str, dict[str, object]] = {
-        "node": {"ae_title": NODE_AET, "host": LOOPBACK, "port": port, "allowed_calling_aets": ["*"]},
+        # Every sender here shares 127.0.0.1: the per-address limit is the node's whole limit.
+        "node": {"ae_title": NODE_AET, "host": LOOPBACK, "port": port, "allowed_calling_aets": ["*"],
+                 "max_associations_per_address": 10},
         "storage": {"spool_dir": str(workdir / "spool"), "database": str(workdir / "dipnode.sqlite"),
                     "min_free_mb": 0},
         "series": {"stable_age_s": stable_age_s, "check_interval_s": 0.2},

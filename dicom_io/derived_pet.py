@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 from pydicom import dcmwrite
+from pydicom.dataelem import RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, PositronEmissionTomographyImageStorage
 
@@ -54,6 +55,26 @@ def _encode_slice(plane: np.ndarray) -> tuple[bytes, float]:
     return stored.tobytes(), slope
 
 
+def keep_text_bytes(ds: Dataset, raw: dict[int, RawDataElement]) -> None:
+    """Put back, as received, every source text element that ``ds`` still carries unchanged.
+
+    Copying decodes (pydicom) and re-encodes text; bytes that do not decode in the declared
+    character set (invalid UTF-8 under ISO_IR 192, say) would come back as U+FFFD. A patient's
+    name must be carried byte for byte, so an element whose value is still the source's is
+    replaced by the source's raw element; what the writer set itself stays its own. (Any
+    writer that copies source attributes can call it; the Parametric Map writer does not yet.)
+    """
+    encodings = ds._character_set
+    for tag, elem in raw.items():
+        if tag not in ds:
+            continue  # removed on purpose (e.g. moved to Contributing Equipment)
+        current = ds.get_item(tag)
+        if isinstance(current, RawDataElement):
+            continue
+        if convert_raw_data_element(elem, encoding=encodings).value == current.value:
+            ds[tag] = elem
+
+
 def write_derived_pet(source: Volume, values: np.ndarray, spec: OutputSpec) -> list[Dataset]:
     """Return one derived PET dataset per source slice (k order), ready for dcmwrite."""
     arr = _check(source, values)
@@ -86,6 +107,8 @@ def write_derived_pet(source: Volume, values: np.ndarray, spec: OutputSpec) -> l
         if not ds.get("BodyPartExamined") and "Laterality" not in ds:
             # General Series needs Laterality (2C) unless the part is unpaired: brain PET.
             ds.BodyPartExamined = "HEAD"
+        if k < len(source.raw_text):
+            keep_text_bytes(ds, dict(source.raw_text[k]))
         pixels, slope = _encode_slice(arr[k])
         ds.SamplesPerPixel = 1
         ds.PhotometricInterpretation = "MONOCHROME2"

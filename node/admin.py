@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import time
 from datetime import datetime
+from pathlib import Path
 
 from dipnode.models.params import DipParams, Method
 from dipnode.node.settings import Settings
@@ -32,6 +33,17 @@ def jobs_table(store: Store, *, include_done: bool = False) -> str:
     if len(lines) == 1:
         lines.append("(no jobs)" if include_done else "(no unfinished jobs; --all shows done ones)")
     return "\n".join(lines)
+
+
+def quarantine_line(spool_dir: Path) -> str | None:
+    """"quarantined: N files in DIR" when start-up moved spool files it could not index there
+    (node/server.py index_orphans); None when there are none."""
+    folder = Path(spool_dir) / "quarantine"
+    n = sum(1 for p in folder.iterdir() if p.is_file()) if folder.is_dir() else 0
+    if not n:
+        return None
+    return (f"quarantined: {n} files in {folder} (spool files that could not be indexed at "
+            "start-up; see the node's log for each reason)")
 
 
 def request_rerun(store: Store, settings: Settings, job_id: int, *, method: str | None,

@@ -10,17 +10,39 @@ from pathlib import Path
 log = logging.getLogger("dipnode")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+_JOB_ID_MAX = 2**63 - 1  # an SQLite INTEGER
+
+
+def _job_id(text: str) -> int:
+    """A job ID the database can hold (argparse turns the ValueError into a usage error)."""
+    n = int(text)
+    if not 1 <= n <= _JOB_ID_MAX:
+        raise ValueError(text)
+    return n
+
+
+_job_id.__name__ = "job ID (1 or more)"  # argparse names the type in its message
+
+
+def _finite_float(text: str) -> float:
+    x = float(text)
+    if x != x or x in (float("inf"), float("-inf")):
+        raise ValueError(text)
+    return x
+
+
+_finite_float.__name__ = "finite number"
 
 
 def _add_method_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("method (defaults: the preset's)")
     g.add_argument("--method", choices=["sdip", "cdip", "gaussian"], default=None)
     g.add_argument("--preset", default=None, help="paper (GPU), fast (CPU demo) or tiny (tests)")
-    g.add_argument("--alpha", type=float, default=None, help="blend strength (paper 0.6)")
+    g.add_argument("--alpha", type=_finite_float, default=None, help="blend strength (paper 0.6)")
     g.add_argument("--epochs", type=int, default=None)
     g.add_argument("--sample-from", type=int, default=None, help="m: first epoch sampled")
     g.add_argument("--sample-every", type=int, default=None, help="M: sample every M epochs")
-    g.add_argument("--fwhm", type=float, default=None, help="Gaussian FWHM in voxels")
+    g.add_argument("--fwhm", type=_finite_float, default=None, help="Gaussian FWHM in voxels")
     g.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N")
     g.add_argument("--seed", type=int, default=None)
 
@@ -57,12 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="include done jobs")
 
     p = sub.add_parser("rerun", help="run a job again (new series), optionally with other parameters")
-    p.add_argument("job", type=int, metavar="JOB")
+    p.add_argument("job", type=_job_id, metavar="JOB")
     p.add_argument("--config", type=Path, default=None)
     _add_method_args(p)
 
     p = sub.add_parser("resend", help="deliver a job's results again (clears dead letters)")
-    p.add_argument("job", type=int, metavar="JOB")
+    p.add_argument("job", type=_job_id, metavar="JOB")
     p.add_argument("--config", type=Path, default=None)
 
     p = sub.add_parser("demo", help="synthesize a study, push it through a local node, write a report")

@@ -101,6 +101,7 @@ def cmd_denoise(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from dipnode.node.lock import NodeLocked
     from dipnode.node.server import serve
     from dipnode.node.settings import load_settings
 
@@ -108,7 +109,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         settings = load_settings(args.config)
     except (ValueError, OSError) as exc:
         raise UserError(f"settings: {exc}") from None
-    return serve(settings)
+    try:
+        return serve(settings)
+    except NodeLocked as exc:  # another node on this spool or database: one line, exit 1
+        raise UserError(str(exc)) from None
 
 
 def _destination(text: str):
@@ -166,10 +170,13 @@ def _open_store(config: Path | None):
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
-    from dipnode.node.admin import jobs_table
+    from dipnode.node.admin import jobs_table, quarantine_line
 
-    _, store = _open_store(args.config)
+    settings, store = _open_store(args.config)
     print(jobs_table(store, include_done=args.all))
+    line = quarantine_line(settings.storage.spool_dir)
+    if line:
+        print(line)
     return 0
 
 

@@ -25,8 +25,13 @@ from dipnode.node.store import InstanceRecord, SeriesRow, Store
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "CompletedSeries", "complete_due", "due_for_completion", "expected_count", "instance_record", "is_due",
+    "CompletedSeries", "check_indexable", "complete_due", "due_for_completion", "expected_count",
+    "instance_record", "is_due",
 ]
+
+# An SQLite INTEGER is 64-bit; any count beyond IS's range (PS3.5 6.2: -2^31..2^31-1) is
+# malformed anyway and is treated as absent, like any other malformed count.
+_COUNT_MAX = 2**31 - 1
 
 
 def expected_count(
@@ -67,9 +72,9 @@ def _int(ds: Any, keyword: str) -> int | None:
     v = getattr(ds, keyword, None)
     try:
         n = int(v) if v not in (None, "") else None
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None  # a malformed count is treated as absent: completion falls back to stable age
-    return n if n is not None and n >= 1 else None
+    return n if n is not None and 1 <= n <= _COUNT_MAX else None
 
 
 def _first(value: Any) -> str:
@@ -87,7 +92,14 @@ def instance_record(ds: Any, path: Path, transfer_syntax: str) -> InstanceRecord
 
     def text(keyword: str) -> str:
         v = getattr(ds, keyword, None)
-        return "" if v is None else str(v).strip()
+        if v is None:
+            return ""
+        if isinstance(v, Sequence) and not isinstance(v, (str, bytes)):
+            # A multi-valued string is indexed in its DICOM form (PS3.5 6.4: values separated
+            # by backslash), never as Python list text. (A multi-valued Patient ID never gets
+            # here: dicom_io.intake refuses it.)
+            return "\\".join(str(x).strip() for x in v)
+        return str(v).strip()
 
     modality = text("Modality")
     series_type = getattr(ds, "SeriesType", None)
@@ -123,6 +135,17 @@ def instance_record(ds: Any, path: Path, transfer_syntax: str) -> InstanceRecord
             number_of_time_slots=_int(ds, "NumberOfTimeSlots"),
         ),
     )
+
+
+def check_indexable(record: InstanceRecord) -> None:
+    """Raise ValueError naming the attribute when the index cannot take ``record``: checked
+    before an instance is written, so that a refusal leaves nothing behind."""
+    for attr, keyword, tag in (("sop_instance_uid", "SOP Instance UID", "(0008,0018)"),
+                               ("series_uid", "Series Instance UID", "(0020,000E)"),
+                               ("study_uid", "Study Instance UID", "(0020,000D)"),
+                               ("modality", "Modality", "(0008,0060)")):
+        if not getattr(record, attr):
+            raise ValueError(f"{keyword} {tag}: expected a value, got none")
 
 
 @dataclass(frozen=True)

@@ -3,29 +3,36 @@
 Threads: the receiver (pynetdicom's, one per association) only spools and indexes; one
 scheduler thread completes series, matches PET to MR, starts jobs on the executor and
 delivers results. All state lives in the store, so a restart resumes where it stopped.
+
+One writer: the node takes an exclusive lock on its spool and its database (node/lock.py)
+before it touches either; a second process on the same spool or database stops at once.
 """
 from __future__ import annotations
 
 import logging
 import shutil
 import signal
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+from dipnode.dicom_io.intake import Header, dataset_bytes, read_received
+from dipnode.dicom_io.logsafe import SafeValuesFilter, shown
 from dipnode.dicom_io.scp import ReceivedInstance, start_receiver
 from dipnode.dicom_io.scu import Destination as Peer
 from dipnode.dicom_io.scu import send_files
 from dipnode.dicom_io.status import Status, StoreRefused
 from dipnode.models.params import DipParams, Method
 from dipnode.node import pipeline, wire
-from dipnode.node.completion import complete_due, instance_record
+from dipnode.node.completion import check_indexable, complete_due, instance_record
 from dipnode.node.executor import ExecutorBusy, LocalExecutor
+from dipnode.node.lock import WriterLock
 from dipnode.node.matching import DecisionKind, decide
 from dipnode.node.settings import Settings
-from dipnode.node.spool import Spool, read_header
-from dipnode.node.store import JobRow, JobState, Store
+from dipnode.node.spool import Spool
+from dipnode.node.store import InstanceRecord, JobRow, JobState, KnownInstance, Store, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +49,22 @@ class Node:
                  snapshot_epochs: tuple[int, ...] = ()) -> None:
         """observer: called with (job id, result) after each job's pipeline (the demo's report
         reads the fit from it); snapshot_epochs: DIP outputs to keep for trade-off curves."""
-        self.settings = settings
-        self._observer = observer
-        self._snapshot_epochs = snapshot_epochs
-        self.store = Store.open(settings.storage.database)
-        self.spool = Spool(settings.storage.spool_dir,
-                           min_free_bytes=settings.storage.min_free_mb * 1024 * 1024)
+        # Before anything else: nothing of another node's spool or database is touched.
+        self._lock = WriterLock.for_node(settings.storage.spool_dir, settings.storage.database)
+        try:
+            self.settings = settings
+            self._observer = observer
+            self._snapshot_epochs = snapshot_epochs
+            self.store = Store.open(settings.storage.database)
+            self.spool = Spool(settings.storage.spool_dir,
+                               min_free_bytes=settings.storage.min_free_mb * 1024 * 1024,
+                               max_instance_bytes=settings.node.max_instance_mb * 1024 * 1024)
+        except BaseException:
+            self._lock.release()
+            raise
+        # Stores of one SOP Instance UID are serialised (the re-send policy reads, then writes).
+        self._uid_locks = [threading.Lock() for _ in range(64)]
+        self.quarantined_at_start = 0
         self.outputs = Path(settings.storage.spool_dir) / "outputs"
         self.executor = LocalExecutor(settings.workers.max_concurrent_jobs)
         self._stop = threading.Event()
@@ -57,12 +74,73 @@ class Node:
 
     # -- receiving: spool before success, then index ---------------------------------------
     def on_store(self, instance: ReceivedInstance) -> Status:
-        stored = self.spool.store(instance)  # durable before we answer; raises StoreRefused
-        record = instance_record(stored.header, stored.path, instance.transfer_syntax_uid)
-        new = self.store.record_instance(record, time.time())
-        log.debug("stored %s (series %s)%s", instance.sop_instance_uid, record.series_uid,
-                  "" if new else " again (duplicate)")
+        """Keep one received instance: SUCCESS means durable (fsync'd) AND indexed; anything
+        else raises (StoreRefused with the status to answer) and leaves nothing behind.
+
+        A re-sent SOP Instance UID (policy, also in README "Receiving"):
+
+        - the same data-set bytes in the same transfer syntax: idempotent, SUCCESS, nothing is
+          written (debug log);
+        - other bytes (other pixels, other attributes, or the same instance re-encoded in another
+          transfer syntax) under the same series: refused DUPLICATE_SOP_INSTANCE (0x0111), the
+          first copy is kept, because a job may already have used it and an instance must never
+          change under a finished result; the refusal line names both UIDs (WARNING). A
+          corrected instance needs a new SOP Instance UID (PS3.3 C.12.1.1.1);
+        - the same UID under another series: refused DUPLICATE_SOP_INSTANCE, never acknowledged
+          and dropped (UIDs are unique, PS3.5 9.1: one of the two is wrong);
+        - the UID is indexed but its file is gone from the spool: written again.
+        """
+        header = self.spool.parse(instance)  # StoreRefused for what must not be kept
+        ds = header.dataset
+        path = self.spool.path_for(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID),
+                                   str(ds.SOPInstanceUID))
+        record = instance_record(ds, path, header.transfer_syntax)
+        try:
+            check_indexable(record)  # refused before anything is written
+        except ValueError as exc:
+            raise StoreRefused(Status.CANNOT_UNDERSTAND, str(exc)) from None
+        uid = record.sop_instance_uid
+        with self._uid_locks[hash(uid) % len(self._uid_locks)]:
+            known = self.store.instance(uid)
+            if known is not None:
+                self._check_resent(instance, header, record, known, path)
+                if known.path.exists():
+                    log.debug("instance %s of series %s re-sent identical: nothing to do",
+                              uid, record.series_uid)
+                    return Status.SUCCESS
+                log.warning("instance %s is indexed but its file %s is gone: written again", uid, known.path)
+            stored = self.spool.store(instance, header)  # durable before we answer
+            try:
+                new = self.store.record_instance(record, time.time())
+            except BaseException:
+                if known is None:
+                    self.spool.discard(stored.path)  # not indexed: not kept
+                raise
+        log.debug("stored %s (series %s)%s", uid, record.series_uid, "" if new else " again")
         return Status.SUCCESS
+
+    def _check_resent(self, instance: ReceivedInstance, header: Header, record: InstanceRecord,
+                      known: KnownInstance, path: Path) -> None:
+        """Raise StoreRefused unless ``instance`` is the indexed one again (see on_store)."""
+        uid = record.sop_instance_uid
+        if known.series_uid != record.series_uid or known.path != path:
+            where = (f"series {record.series_uid}" if known.series_uid != record.series_uid
+                     else f"study {record.study_uid}")
+            raise StoreRefused(Status.DUPLICATE_SOP_INSTANCE,
+                               f"SOP instance {uid} re-sent under {where} is already stored in series "
+                               f"{known.series_uid} of study {known.path.parent.parent.name}; refused, "
+                               "the first copy is kept")
+        if not known.path.exists():
+            return
+        if known.transfer_syntax != header.transfer_syntax:
+            raise StoreRefused(Status.DUPLICATE_SOP_INSTANCE,
+                               f"SOP instance {uid} of series {record.series_uid} re-sent in transfer syntax "
+                               f"{header.transfer_syntax}, stored in {known.transfer_syntax}; refused, "
+                               "the first copy is kept")
+        if dataset_bytes(known.path.read_bytes()) != memoryview(instance.raw)[header.data_offset:]:
+            raise StoreRefused(Status.DUPLICATE_SOP_INSTANCE,
+                               f"SOP instance {uid} of series {record.series_uid} re-sent with different "
+                               "content; refused, the first copy is kept (a result may have used it)")
 
     # -- life cycle ------------------------------------------------------------------------
     def start(self) -> None:
@@ -89,23 +167,53 @@ class Node:
 
     def index_orphans(self) -> int:
         """Index whole spool files that the index lacks: a kill between the spool's rename and
-        the index write leaves one (the sender saw no success and may never re-send it)."""
+        the index write leaves one (the sender saw no success and may never re-send it).
+
+        A file that cannot be indexed (unreadable, refused by today's checks, named after other
+        UIDs than it holds, a second copy of an indexed instance) never stops the start: it is
+        moved to the spool's quarantine folder, logged and counted (``dipnode jobs`` shows the
+        count). Returns the number of files indexed.
+        """
         known = self.store.indexed_paths()
-        found = 0
+        found = quarantined = 0
         for path in sorted(self.spool.instances.rglob("*.dcm")):
             if path in known:
                 continue
             try:
-                header = read_header(path.read_bytes())
-                ts = str(header.file_meta.TransferSyntaxUID)
-            except (StoreRefused, OSError, AttributeError) as exc:
-                log.warning("spool file %s is not indexable (%s); left in place", path, exc)
-                continue
-            self.store.record_instance(instance_record(header, path, ts), time.time())
-            found += 1
+                self._index_orphan(path)
+                found += 1
+            except (StoreRefused, ValueError, OverflowError, OSError, sqlite3.IntegrityError) as exc:
+                reason = exc.reason if isinstance(exc, StoreRefused) else f"{type(exc).__name__}: {exc}"
+                try:
+                    target = self.spool.quarantine(path)
+                except OSError as move:
+                    log.error("spool file %s cannot be indexed (%s) nor quarantined (%s); left in place",
+                              path, shown(reason, 300), move)
+                    continue
+                quarantined += 1
+                log.warning("spool file %s cannot be indexed (%s): quarantined as %s",
+                            path, shown(reason, 300), target)
         if found:
             log.info("indexed %d spool files the index lacked (stored before a crash)", found)
+        self.quarantined_at_start = quarantined
+        total = len(self.spool.quarantined())
+        if total:
+            log.warning("quarantined: %d files in %s (%d moved at this start-up); they are kept for a "
+                        "person to look at and are not processed", total, self.spool.quarantine_dir, quarantined)
         return found
+
+    def _index_orphan(self, path: Path) -> None:
+        header = read_received(path.read_bytes(), None, max_bytes=self.spool.max_instance_bytes)
+        ds = header.dataset
+        record = instance_record(ds, path, header.transfer_syntax)
+        check_indexable(record)
+        expected = self.spool.path_for(record.study_uid, record.series_uid, record.sop_instance_uid)
+        if expected != path:
+            raise ValueError(f"file name does not match the UIDs it holds (they name {expected})")
+        existing = self.store.instance(record.sop_instance_uid)
+        if existing is not None:
+            raise StoreError(f"SOP Instance UID already indexed at {existing.path}")
+        self.store.record_instance(record, time.time())
 
     @property
     def port(self) -> int:
@@ -121,6 +229,7 @@ class Node:
             self._scheduler.join(timeout=60)
         self.executor.shutdown(wait=True)
         self.store.close()
+        self._lock.release()
 
     def _loop(self) -> None:
         interval = self.settings.series.check_interval_s
@@ -159,6 +268,13 @@ class Node:
                                     params=self.settings.dip_params().as_dict(), now=now,
                                     state=JobState.WAITING_FOR_MR, rerun=rerun)
         log.info("job %d for PET series %s: %s", job.id, pet_uid, job.state.value)
+        pet = self.store.series(pet_uid)
+        if pet is not None and pet.conflict and job.state is JobState.WAITING_FOR_MR:
+            # Two patients (or studies, frames of reference, modalities) in one series: never
+            # processed. The reason names UIDs and attributes only (store.py).
+            reason = f"series {pet_uid} is not one consistent series: {pet.conflict}; not processed"
+            job = self.store.transition(job.id, JobState.FAILED, now, reason=reason)
+            log.warning("job %d failed: %s", job.id, reason)
         if rerun:
             # An earlier job of this PET that has not started yet would compute the same
             # series again and send a second result with other UIDs: the re-run replaces it.
@@ -207,9 +323,11 @@ class Node:
                 self.store.set_progress(job.id, epoch / epochs, time.time())
 
         o = self.settings.output
+        pet_no, map_no, plain_no = output_series_numbers(
+            (o.series_number_pet or 0, o.series_number_map or 0, o.series_number_map_plain or 0),
+            self.store.study_job_index(job.id))
         options = pipeline.OutputOptions(
-            series_number_pet=o.series_number_pet or 0, series_number_map=o.series_number_map or 0,
-            series_number_map_plain=o.series_number_map_plain or 0,
+            series_number_pet=pet_no, series_number_map=map_no, series_number_map_plain=plain_no,
             description_prefix=o.description_prefix, research=o.research, uid_seed=job.uid_seed)
         try:
             pet_paths = self.store.series_instances(job.pet_series_uid)
@@ -273,8 +391,27 @@ class Node:
                 shutil.rmtree(row.output_dir, ignore_errors=True)  # every destination has it
 
 
+def output_series_numbers(configured: tuple[int, int, int], study_job_index: int) -> tuple[int, int, int]:
+    """Series Numbers for the n-th job of a study (n = ``study_job_index``, from 0).
+
+    Two PET series of one study (or a re-run) must not come back under one number: the n-th
+    job adds n times the span of the configured numbers (highest - lowest + 1) to each, so the
+    blocks never overlap - with the defaults 1001-1003, then 1004-1006, ... Unset (0) stays 0.
+    The index counts every job of the study in job order, so a job's numbers never change.
+    """
+    used = [n for n in configured if n]
+    span = max(used) - min(used) + 1
+    offset = study_job_index * span
+    return tuple(n + offset if n else 0 for n in configured)  # type: ignore[return-value]
+
+
 def serve(settings: Settings) -> int:
-    """Run until SIGTERM or SIGINT; a stop leaves unfinished jobs to resume at the next start."""
+    """Run until SIGTERM or SIGINT; a stop leaves unfinished jobs to resume at the next start.
+
+    Raises node.lock.NodeLocked when another node holds the spool or the database."""
+    for handler in logging.getLogger().handlers:
+        # Values from the wire reach the log escaped and cut, wherever they are logged.
+        handler.addFilter(SafeValuesFilter())
     node = Node(settings)
     stopping = threading.Event()
 

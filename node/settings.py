@@ -75,9 +75,19 @@ class NodeSettings(_Section):
     allowed_calling_aets: list[str]
     allowed_addresses: list[str] = []  # IP addresses or CIDR networks; empty = any address
     max_associations: int = Field(10, ge=1)
+    # One address (a PACS, a scanner, or a peer gone wrong) holds at most this many connections
+    # at once, so it cannot take every slot; capped at max_associations.
+    max_associations_per_address: int = Field(5, ge=1)
     # PS3.8 Annex D.3.3.2: 0 means "no limit"; pynetdicom's default is 16382.
     max_pdu: int = Field(16382, ge=0, le=2**32 - 1)
-    idle_timeout_s: float = Field(60.0, gt=0)
+    idle_timeout_s: float = Field(60.0, gt=0, allow_inf_nan=False)
+    # PS3.8 9.1.5 ARTIM: a connection that has not sent its A-ASSOCIATE-RQ within this time is
+    # closed (every toolkit sends it at once; the timer only frees slots held by silent peers).
+    request_timeout_s: float = Field(5.0, gt=0, le=120, allow_inf_nan=False)
+    # Larger instances are refused (INSTANCE_TOO_LARGE, also once inflated or decoded): the node
+    # takes classic single-frame brain PET/MR slices (<= 4 MiB even at 1024x1024x32 bits); the
+    # limit bounds receive memory at max_associations x about twice this (bench/RELIABILITY.md).
+    max_instance_mb: int = Field(64, ge=1, le=4096)
     accept_compressed: bool = True  # offer JPEG/JPEG 2000/JPEG-LS/RLE transfer syntaxes too
     # PS3.15 B.1 (Basic TLS Secure Transport Connection Profile): set cert and key to listen
     # with TLS only; tls_ca verifies client certificates, required when tls_require_client_cert.

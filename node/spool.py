@@ -4,66 +4,42 @@ Layout under ``root``::
 
     incoming/<random>.tmp                               being written; never a whole instance
     instances/<study uid>/<series uid>/<sop uid>.dcm    complete PS3.10 files, bytes as received
+    quarantine/<name>                                   files found at start-up that no index
+                                                        can take (see Node.index_orphans)
 
 A file appears under ``instances/`` only by ``os.replace`` of a fully written and fsync'd temp
 file, and the folder is fsync'd after the rename, so after a crash a name under ``instances/``
 always holds a whole instance.
 
-The spool parses the header once (``stop_before_pixels``) because it needs the study and series
-UIDs to file the instance, and hands that header back in :class:`StoredInstance` so that the
-caller (series assembly, the index) does not parse the same bytes a second time.
+The spool checks and parses the header once (``dicom_io.intake.read_received``: sizes, bounded
+inflation, the encoding against the negotiated transfer syntax, UIDs) because it needs the study
+and series UIDs to file the instance, and hands that header back in :class:`StoredInstance` so
+that the caller (series assembly, the index) does not parse the same bytes a second time.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import re
 import shutil
-import struct
 import uuid
 from dataclasses import dataclass, field
-from io import BytesIO
 from pathlib import Path
 
-import pydicom
 from pydicom import Dataset
-from pydicom.errors import InvalidDicomError
 
+from dipnode.dicom_io.intake import InvalidUIDError, Header, check_uid, read_received
 from dipnode.dicom_io.scp import ReceivedInstance
 from dipnode.dicom_io.status import Status, StoreRefused
 
-__all__ = ["GIB", "InvalidUIDError", "Spool", "StoredInstance", "check_uid", "read_header"]
+__all__ = ["DEFAULT_MAX_INSTANCE_BYTES", "GIB", "InvalidUIDError", "Spool", "StoredInstance",
+           "check_uid", "read_header"]
 
 log = logging.getLogger(__name__)
 
 GIB = 1 << 30
-# Pixel Data (7FE0,0010), Float Pixel Data (7FE0,0008) and Double Float Pixel Data (7FE0,0009)
-# as little-endian group, element: an image object carries one of them (the float ones in a
-# Parametric Map, PS3.3 C.7.6.3).
-_PIXEL_DATA_TAGS = (b"\xe0\x7f\x10\x00", b"\xe0\x7f\x08\x00", b"\xe0\x7f\x09\x00")
-_DEFLATED = "1.2.840.10008.1.2.1.99"
+DEFAULT_MAX_INSTANCE_BYTES = 64 << 20
 _TMP_SUFFIX = ".tmp"
-
-# PS3.5 9.1: a UID is digit components separated by '.', at most 64 characters. The grammar also
-# forbids leading zeros in a component, but some vendors emit them; accepting them is harmless
-# here because only digits and dots reach the file system, which is what keeps names safe.
-_UID_RE = re.compile(r"[0-9]+(\.[0-9]+)*")
-_UID_MAX = 64
-
-
-class InvalidUIDError(ValueError):
-    """A UID that does not follow PS3.5 9.1 and so cannot name a file."""
-
-
-def check_uid(name: str, value: object) -> str:
-    """Return ``value`` if it is a PS3.5 9.1 UID (digits and dots, <= 64 chars), else raise."""
-    if not isinstance(value, str) or len(value) > _UID_MAX or not _UID_RE.fullmatch(value):
-        raise InvalidUIDError(
-            f"{name}: expected a DICOM UID (PS3.5 9.1: digits and '.', at most {_UID_MAX} "
-            f"characters), got {value!r}"
-        )
-    return value
 
 
 @dataclass(frozen=True)
@@ -86,22 +62,11 @@ class StoredInstance:
         return str(self.header.SOPInstanceUID)
 
 
-def read_header(raw: bytes) -> Dataset:
-    """Parse the header of a PS3.10 byte string (stops before pixel data) and check the UIDs
-    the spool turns into path parts; raises :class:`StoreRefused` CANNOT_UNDERSTAND."""
-    try:
-        ds = pydicom.dcmread(BytesIO(raw), stop_before_pixels=True)
-        for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
-            check_uid(keyword, str(ds[keyword].value) if keyword in ds else None)
-        return ds
-    except InvalidUIDError as exc:
-        raise StoreRefused(Status.CANNOT_UNDERSTAND, str(exc)) from exc
-    except (InvalidDicomError, AttributeError, KeyError, EOFError, ValueError, OSError,
-            struct.error) as exc:  # struct.error: pydicom on a length cut short
-        # PS3.4 B.2.3: a data set we cannot parse is "cannot understand".
-        raise StoreRefused(
-            Status.CANNOT_UNDERSTAND, f"header unreadable: {type(exc).__name__}: {exc}"
-        ) from exc
+def read_header(raw: bytes, transfer_syntax: str | None = None, *,
+                max_bytes: int = DEFAULT_MAX_INSTANCE_BYTES) -> Dataset:
+    """The checked header of a PS3.10 byte string (``transfer_syntax`` defaults to the file
+    meta's); raises :class:`StoreRefused` with the status to answer (see dicom_io.intake)."""
+    return read_received(raw, transfer_syntax, max_bytes=max_bytes).dataset
 
 
 def _fsync_dir(path: Path) -> None:
@@ -116,15 +81,38 @@ def _fsync_dir(path: Path) -> None:
 class Spool:
     """Durable store of received instances; safe to call from several SCP threads."""
 
-    def __init__(self, root: Path, min_free_bytes: int = GIB) -> None:
+    def __init__(self, root: Path, min_free_bytes: int = GIB,
+                 max_instance_bytes: int = DEFAULT_MAX_INSTANCE_BYTES) -> None:
         if min_free_bytes < 0:
             raise ValueError(f"min_free_bytes: expected >= 0, got {min_free_bytes}")
+        if max_instance_bytes < 1:
+            raise ValueError(f"max_instance_bytes: expected >= 1, got {max_instance_bytes}")
         self.root = Path(root)
         self.min_free_bytes = min_free_bytes
+        self.max_instance_bytes = max_instance_bytes
         self.incoming = self.root / "incoming"
         self.instances = self.root / "instances"
+        self.quarantine_dir = self.root / "quarantine"
         self.incoming.mkdir(parents=True, exist_ok=True)
         self.instances.mkdir(parents=True, exist_ok=True)
+
+    def parse(self, instance: ReceivedInstance) -> Header:
+        """Check and parse ``instance`` against the negotiated syntax; raises StoreRefused."""
+        try:
+            check_uid("sop_instance_uid", instance.sop_instance_uid)
+        except InvalidUIDError as exc:
+            raise StoreRefused(Status.CANNOT_UNDERSTAND, str(exc)) from exc
+        header = read_received(instance.raw, instance.transfer_syntax_uid,
+                               max_bytes=self.max_instance_bytes)
+        sop_uid = str(header.dataset.SOPInstanceUID)
+        if sop_uid != instance.sop_instance_uid:
+            # PS3.7 9.1.1.1: Affected SOP Instance UID names the data set being sent.
+            raise StoreRefused(
+                Status.CANNOT_UNDERSTAND,
+                f"SOP Instance UID: command says {instance.sop_instance_uid}, "
+                f"data set says {sop_uid}",
+            )
+        return header
 
     def path_for(self, study_uid: str, series_uid: str, sop_instance_uid: str) -> Path:
         """Where an instance lives; every part is checked against the UID grammar first."""
@@ -135,33 +123,17 @@ class Spool:
             / f"{check_uid('sop_instance_uid', sop_instance_uid)}.dcm"
         )
 
-    def store(self, instance: ReceivedInstance) -> StoredInstance:
+    def store(self, instance: ReceivedInstance, header: Header | None = None) -> StoredInstance:
         """Write ``instance.raw`` durably; return its final path and parsed header.
 
-        Raises :class:`StoreRefused` (OUT_OF_RESOURCES below the free-space mark,
-        CANNOT_UNDERSTAND for an unparsable header or unsafe / mismatching UIDs).
-        A second store of the same SOP Instance UID atomically replaces the first.
+        ``header``: what :meth:`parse` returned for this instance (parsed here when None).
+        Raises :class:`StoreRefused` (OUT_OF_RESOURCES below the free-space mark, the statuses
+        of dicom_io.intake for what must not be kept). A second store of the same SOP Instance
+        UID replaces the file: the caller (Node.on_store) applies the re-send policy first.
         """
-        try:
-            check_uid("sop_instance_uid", instance.sop_instance_uid)
-        except InvalidUIDError as exc:
-            raise StoreRefused(Status.CANNOT_UNDERSTAND, str(exc)) from exc
-        header = read_header(instance.raw)
-        sop_uid = str(header.SOPInstanceUID)
-        if sop_uid != instance.sop_instance_uid:
-            # PS3.7 9.1.1.1: Affected SOP Instance UID names the data set being sent.
-            raise StoreRefused(
-                Status.CANNOT_UNDERSTAND,
-                f"SOP Instance UID: command says {instance.sop_instance_uid}, "
-                f"data set says {sop_uid}",
-            )
-        if instance.transfer_syntax_uid != _DEFLATED and not any(
-                tag in instance.raw for tag in _PIXEL_DATA_TAGS):
-            # The node only accepts image SOP classes, whose IODs require Pixel Data (PS3.3
-            # C.7.6.3). Absent tag bytes prove absence without decoding (little endian only;
-            # a deflated stream hides them). Pixel *length* is the series loader's check.
-            raise StoreRefused(Status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
-                               "no Pixel Data (7FE0,0010) in an image SOP instance")
+        parsed = header if header is not None else self.parse(instance)
+        header_ds = parsed.dataset
+        sop_uid = str(header_ds.SOPInstanceUID)
         free = shutil.disk_usage(self.root).free
         if free - len(instance.raw) < self.min_free_bytes:
             raise StoreRefused(
@@ -171,7 +143,7 @@ class Spool:
             )
 
         final = self.path_for(
-            str(header.StudyInstanceUID), str(header.SeriesInstanceUID), sop_uid
+            str(header_ds.StudyInstanceUID), str(header_ds.SeriesInstanceUID), sop_uid
         )
         tmp = self.incoming / f"{uuid.uuid4().hex}{_TMP_SUFFIX}"
         try:
@@ -186,7 +158,39 @@ class Spool:
             raise
         _fsync_dir(final.parent)
         log.debug("spooled %s", sop_uid)
-        return StoredInstance(final, header)
+        return StoredInstance(final, header_ds)
+
+    def discard(self, path: Path) -> None:
+        """Remove a spooled file whose indexing failed: the peer is told it was not stored, so
+        nothing of it may stay (a start-up would otherwise meet it)."""
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return
+        _fsync_dir(path.parent)
+        log.debug("discarded %s", path)
+
+    def quarantine(self, path: Path) -> Path:
+        """Move a spool file no index can take out of ``instances/`` (kept for a person to look
+        at, never deleted); returns its new path."""
+        self.quarantine_dir.mkdir(exist_ok=True)
+        rel = path.relative_to(self.instances) if path.is_relative_to(self.instances) else Path(path.name)
+        name = "_".join(rel.parts)
+        target = self.quarantine_dir / name
+        n = 1
+        while target.exists():
+            target = self.quarantine_dir / f"{name}.{n}"
+            n += 1
+        os.replace(path, target)
+        _fsync_dir(self.quarantine_dir)
+        _fsync_dir(path.parent)
+        return target
+
+    def quarantined(self) -> list[Path]:
+        """Files in the quarantine folder."""
+        if not self.quarantine_dir.is_dir():
+            return []
+        return sorted(p for p in self.quarantine_dir.iterdir() if p.is_file())
 
     def _make_dirs(self, folder: Path) -> None:
         # Create study/series folders one by one, fsync'ing each parent so the new entries

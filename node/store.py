@@ -16,6 +16,12 @@ a *new* instance arriving for a ``complete`` series is a late instance: it is co
 ``late_instances`` and re-opens the series (state back to ``receiving``, ``completed_at``
 cleared), so it completes again by count or stable age and the pipeline then runs it anew.
 A duplicate SOP Instance UID is idempotent and never late.
+
+Series integrity: every instance of a series must agree with the series' first instance on
+Patient ID, Issuer of Patient ID, Study Instance UID, Frame of Reference UID and Modality. The
+first instance that does not is recorded in ``series.conflict`` (attribute names and the
+instance's UID, never patient values); such a series is no MR prior for anyone and its PET
+job fails (node/server.py), whatever else arrives.
 """
 from __future__ import annotations
 
@@ -33,7 +39,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "DeliveryRow", "DeliveryState", "InstanceRecord", "JobRow", "JobState", "ResumeReport",
+    "DeliveryRow", "DeliveryState", "InstanceRecord", "JobRow", "JobState", "KnownInstance", "ResumeReport",
     "SeriesRow", "SeriesState", "Store", "StoreError", "TransitionError", "JOB_TRANSITIONS",
 ]
 
@@ -126,6 +132,18 @@ class SeriesRow:
     completed_at: float | None
     state: SeriesState
     late_instances: int
+    # The first instance that disagreed with the series (see module docstring), or None.
+    conflict: str | None = None
+
+
+@dataclass(frozen=True)
+class KnownInstance:
+    """An indexed instance: where it is and which series it belongs to."""
+
+    sop_instance_uid: str
+    series_uid: str
+    path: Path
+    transfer_syntax: str
 
 
 @dataclass(frozen=True)
@@ -238,6 +256,10 @@ _MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX deliveries_due ON deliveries (state, next_attempt_at);
     """,
+    # (issue 16) series integrity: the first instance that disagreed with the series.
+    """
+    ALTER TABLE series ADD COLUMN conflict TEXT;
+    """,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 
@@ -334,7 +356,15 @@ class Store:
                         inst.sop_instance_uid, known[0], inst.series_uid,
                     )
                 return False
-            series = db.execute("SELECT state FROM series WHERE series_uid = ?", (inst.series_uid,)).fetchone()
+            series = db.execute("SELECT * FROM series WHERE series_uid = ?", (inst.series_uid,)).fetchone()
+            if series is not None and series["conflict"] is None:
+                differs = _identity_conflict(series, inst)
+                if differs:
+                    conflict = (f"instance {inst.sop_instance_uid} differs from the series' first "
+                                f"instance in {', '.join(differs)}")
+                    db.execute("UPDATE series SET conflict = ? WHERE series_uid = ?", (conflict, inst.series_uid))
+                    log.warning("series %s is not one consistent series (%s): it will not be processed",
+                                inst.series_uid, conflict)
             if series is None:
                 db.execute(
                     "INSERT INTO series (series_uid, study_uid, patient_id, issuer, modality, series_description,"
@@ -373,6 +403,25 @@ class Store:
         rows = self._query("SELECT * FROM series WHERE series_uid = ?", (uid,))
         return _series(rows[0]) if rows else None
 
+    def instance(self, sop_instance_uid: str) -> KnownInstance | None:
+        """The indexed instance with this SOP Instance UID, or None."""
+        rows = self._query("SELECT sop_instance_uid, series_uid, path, transfer_syntax FROM instances"
+                           " WHERE sop_instance_uid = ?", (sop_instance_uid,))
+        if not rows:
+            return None
+        r = rows[0]
+        return KnownInstance(r[0], r[1], Path(r[2]), r[3])
+
+    def study_job_index(self, job_id: int) -> int:
+        """How many jobs of the same study (any PET series of it, any state) precede ``job_id``:
+        0 for the first. Jobs are never deleted, so the value is stable for a job."""
+        rows = self._query(
+            "SELECT count(*) FROM jobs j JOIN series s ON s.series_uid = j.pet_series_uid"
+            " WHERE j.id < ? AND s.study_uid = (SELECT s2.study_uid FROM jobs j2"
+            " JOIN series s2 ON s2.series_uid = j2.pet_series_uid WHERE j2.id = ?)",
+            (job_id, job_id))
+        return int(rows[0][0])
+
     def series_instances(self, uid: str) -> list[Path]:
         """Paths of the series' instances in arrival order (the loader sorts them spatially)."""
         rows = self._query("SELECT path FROM instances WHERE series_uid = ? ORDER BY received_at, rowid", (uid,))
@@ -390,10 +439,11 @@ class Store:
         """Series of the same study or of the same Patient ID and issuer (matching candidates).
 
         An empty Patient ID matches only within the study: an unidentified patient is nobody's.
+        A series with a conflict (two patients, studies, ...) is nobody's either.
         """
         rows = self._query(
-            "SELECT * FROM series WHERE study_uid = ? OR (? != '' AND patient_id = ? AND issuer = ?)"
-            " ORDER BY first_received_at",
+            "SELECT * FROM series WHERE (study_uid = ? OR (? != '' AND patient_id = ? AND issuer = ?))"
+            " AND conflict IS NULL ORDER BY first_received_at",
             (study_uid, patient_id, patient_id, issuer),
         )
         return [_series(r) for r in rows]
@@ -665,6 +715,17 @@ class Store:
                     (now, job_id),
                 )
         return n
+
+
+# What every instance of a series must share with its first one (module docstring).
+_IDENTITY = (("patient_id", "patient_id", "Patient ID"), ("issuer", "issuer_of_patient_id", "Issuer of Patient ID"),
+             ("study_uid", "study_uid", "Study Instance UID"),
+             ("frame_of_reference_uid", "frame_of_reference_uid", "Frame of Reference UID"),
+             ("modality", "modality", "Modality"))
+
+
+def _identity_conflict(series: sqlite3.Row, inst: InstanceRecord) -> list[str]:
+    return [name for column, attr, name in _IDENTITY if series[column] != getattr(inst, attr)]
 
 
 def _series(r: sqlite3.Row) -> SeriesRow:

@@ -73,7 +73,9 @@ def receiver_config(settings: Settings, tls: ssl.SSLContext | None = None) -> Re
         closed=not n.allowed_calling_aets,
         allowed_addresses=_networks(n.allowed_addresses),
         max_pdu_length=n.max_pdu, max_associations=n.max_associations,
-        idle_timeout_s=n.idle_timeout_s, accept_compressed=n.accept_compressed,
+        max_associations_per_address=n.max_associations_per_address,
+        idle_timeout_s=n.idle_timeout_s, request_timeout_s=n.request_timeout_s,
+        max_instance_bytes=n.max_instance_mb * 1024 * 1024, accept_compressed=n.accept_compressed,
         tls=tls if tls is not None else receiver_tls(settings),
     )
 

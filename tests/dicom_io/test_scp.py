@@ -206,9 +206,9 @@ def test_store_refused_needs_a_failure_status() -> None:
 
 
 def test_accept_compressed_false_offers_native_syntaxes_only() -> None:
+    # Deflate (PS3.5 A.5) is a compression too: no inflation of any kind (issue 16).
     cfg = ReceiverConfig(accept_compressed=False)
-    assert set(cfg.offered_transfer_syntaxes) == {
-        "1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.1.99"}
+    assert set(cfg.offered_transfer_syntaxes) == {"1.2.840.10008.1.2.1", "1.2.840.10008.1.2"}
     with pytest.raises(ConfigError, match="uncompressed"):
         ReceiverConfig(accept_compressed=False, transfer_syntaxes=("1.2.840.10008.1.2.5",))
 

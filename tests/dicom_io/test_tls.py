@@ -206,3 +206,26 @@ def test_max_pdu_is_announced_and_large_instances_still_arrive(tmp_path: Path) -
         report = send_files([path], Destination("DIPNODE", "127.0.0.1", rx.port), timeout_s=10)
     assert report.all_ok and len(got) == 1
     assert pydicom.dcmread(BytesIO(got[0])).PixelData == ds.PixelData
+
+
+@pytest.mark.timeout(60)
+def test_silent_tls_client_does_not_hold_the_accept_loop(pki: Path, tmp_path: Path) -> None:
+    # pynetdicom does the TLS handshake in its accept loop, with no timeout: one client that
+    # connects and sends nothing stopped every other connection. Ours does it in the
+    # connection's thread, bounded by request_timeout_s.
+    s = _settings(pki, tls_cert=pki / "server.pem", tls_key=pki / "server.key")
+    files = tiny_pet_files(tmp_path / "src", n=1)
+    with start_receiver(wire.receiver_config(s), lambda i: Status.SUCCESS) as rx:
+        silent = [socket.create_connection(("127.0.0.1", rx.port)) for _ in range(3)]
+        try:
+            t0 = time.monotonic()
+            ok = run_storescu(files, rx.port, called="DIPNODE", timeout_s=20,
+                              extra=["+tla", "+cf", str(pki / "ca.pem")])
+            assert ok.returncode == 0 and storescu_statuses(ok) == [0], ok.stdout + ok.stderr
+            assert time.monotonic() - t0 < 4.0  # not after the silent ones' timeouts
+            for sock in silent:  # and the silent ones are closed by the request timer
+                sock.settimeout(15)
+                assert sock.recv(1) == b""
+        finally:
+            for sock in silent:
+                sock.close()
