@@ -224,9 +224,17 @@ def send_files(
     for source in items:
         try:
             described.append(_describe_item(source))
-        except (OSError, InvalidDicomError, AttributeError) as exc:
+        except InvalidDicomError:
+            # pydicom's own text tells a programmer to pass force=True; the user needs to know
+            # that this file is not a DICOM file (PS3.10 7.1: preamble, "DICM", file meta).
             results.append(InstanceResult(str(source), "", None, False,
-                                          f"unreadable: {type(exc).__name__}: {exc}"))
+                                          "not a DICOM file (no DICOM file meta information, "
+                                          "PS3.10 7.1)"))
+        except OSError as exc:
+            results.append(InstanceResult(str(source), "", None, False,
+                                          f"cannot read the file: {exc.strerror or exc}"))
+        except AttributeError as exc:
+            results.append(InstanceResult(str(source), "", None, False, str(exc)))
     total = len(results) + len(described)
     ae = _make_ae(calling_ae, timeout_s)
     association_ok = True

@@ -188,7 +188,8 @@ def test_unreadable_file_fails_alone(tmp_path: Path) -> None:
     with start_receiver(ReceiverConfig(port=0), lambda i: Status.SUCCESS) as rx:
         report = send_files([junk, *files], Destination("DIPNODE", "127.0.0.1", rx.port))
     assert [r.ok for r in report.results] == [False, True]
-    assert "unreadable" in report.results[0].message
+    assert report.results[0].message.startswith("not a DICOM file")
+    assert "force" not in report.results[0].message  # pydicom's advice is for programmers
 
 
 # --- TLS ---------------------------------------------------------------------------------------
