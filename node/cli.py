@@ -31,6 +31,17 @@ def version_text() -> str:
             f"pydicom {v('pydicom')}, pynetdicom {v('pynetdicom')})")
 
 
+class _Version(argparse.Action):
+    """``--version``: one unwrapped line on stdout (argparse's own action wraps it at 80)."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, **kwargs) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        print(version_text())
+        parser.exit(EXIT_OK)
+
+
 def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
@@ -66,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dipnode",
         description="DICOM node denoising brain PET with stability-weighted conditional DIP. "
                     "Exit status: 0 success, 1 a clear error (bad input, peer refused), 2 usage.")
-    parser.add_argument("--version", action="version", version=version_text(),
+    parser.add_argument("--version", action=_Version,
                         help="print the version of dipnode and of the libraries it runs on")
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="more log lines: -v info, -vv debug (UIDs and accession numbers only)")

@@ -8,6 +8,7 @@ never an internal name. Exit status 1; usage mistakes caught by argparse exit 2.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import re
@@ -170,9 +171,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except SettingsError as exc:  # TLS files unreadable: found when the receiver starts
         raise UserError(str(exc)) from None
     except OSError as exc:  # the port is taken, the address is not this host's, a folder is not writable
-        raise UserError(f"cannot start the node on {settings.node.host}:{settings.node.port} "
-                        f"(node.host, node.port) with spool {settings.storage.spool_dir}: "
-                        f"{exc.strerror or exc}") from None
+        if exc.filename is None and exc.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES):
+            raise UserError(f"node.host, node.port {settings.node.host}:{settings.node.port}: "
+                            f"{exc.strerror}") from None
+        where = f": {exc.filename}" if exc.filename else ""
+        raise UserError(f"cannot start the node: {exc.strerror or exc}{where}") from None
 
 
 def cmd_health(args: argparse.Namespace) -> int:
@@ -358,10 +361,11 @@ def cmd_echo(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    # Before the phantom is built and pushed (and before the demo's imports): a device that
+    # is not here fails at once.
+    describe_device(args.device)
     from dipnode.node.demo import DemoError, run_demo
 
-    # Before the phantom is built and pushed: a device that is not here fails at once.
-    describe_device(args.device)
     try:
         report = run_demo(args.out, preset_name=args.preset, voxel_mm=args.voxel_mm,
                           device=args.device)

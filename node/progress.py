@@ -41,7 +41,7 @@ class FitProgress:
         self._last_line_at = self._start
         self._last_tenth = 0
         self._bar = (tqdm(total=total_epochs, desc=f"{label} on {device}", unit="epoch",
-                          file=self.stream, dynamic_ncols=True) if self.tty else None)
+                          file=self.stream) if self.tty else None)
         if self._bar is None:
             self._line(f"{label} on {device}: {total_epochs} epochs")
 
