@@ -312,8 +312,9 @@ def cmd_denoise(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as exc:  # DicomInputError, AlignmentError, PipelineError, ...
         raise UserError(in_cli_words(str(exc))) from None
     folders = sorted({p.parent for p in result.files})
-    print(f"wrote {len(result.pet_files)} derived PET files and {len(result.map_files)} "
-          f"stability-map files to {args.out}: " + ", ".join(f"{f.relative_to(args.out)}/" for f in folders))
+    maps = f" and {len(result.map_files)} stability-map files" if result.map_files else ""
+    print(f"wrote {len(result.pet_files)} derived PET files{maps} to {args.out}: "
+          + ", ".join(f"{f.relative_to(args.out)}/" for f in folders))
     return 0
 
 

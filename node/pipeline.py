@@ -149,7 +149,7 @@ def series_descriptions(prefix: str, method: Method, params: DipParams) -> dict[
     elif method is Method.CDIP:
         name = "cDIP"
     else:
-        name = f"Gaussian {params.fwhm_voxels:g} vx"
+        name = f"Gaussian {params.fwhm_voxels:.3g} vx"
     lead = f"{prefix} " if prefix else ""
     return {"pet": f"{lead}PET {name}", "map": f"{lead}stability map",
             "map-plain": f"{lead}stability map Bq/ml"}
