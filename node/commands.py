@@ -244,6 +244,10 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _job_words(message: str) -> str:
+    return re.sub(r"^job: ", "JOB: ", message)  # the argument as `dipnode rerun --help` names it
+
+
 def cmd_rerun(args: argparse.Namespace) -> int:
     from dipnode.node.admin import request_rerun
 
@@ -252,7 +256,7 @@ def cmd_rerun(args: argparse.Namespace) -> int:
         new_id = request_rerun(store, settings, args.job, method=args.method,
                                preset_name=args.preset, overrides=method_overrides(args))
     except (ValueError, KeyError) as exc:
-        raise UserError(in_cli_words(str(exc).strip("'\""))) from None
+        raise UserError(_job_words(in_cli_words(str(exc).strip("'\"")))) from None
     print(f"job {new_id} queued (re-run of job {args.job}); `dipnode jobs` shows its progress")
     return 0
 
@@ -264,7 +268,7 @@ def cmd_resend(args: argparse.Namespace) -> int:
     try:
         n = request_resend(store, args.job)
     except (ValueError, KeyError) as exc:
-        raise UserError(str(exc).strip("'\"")) from None
+        raise UserError(_job_words(str(exc).strip("'\""))) from None
     print(f"job {args.job}: {n} deliveries queued again")
     return 0
 
@@ -318,20 +322,26 @@ def cmd_denoise(args: argparse.Namespace) -> int:
     return 0
 
 
-def _destination(text: str):
+def _destination(text: str, name: str, calling_ae: str):
+    """The peer ``text`` (option or argument ``name``), after checking our AE title (--aet)."""
+    from dipnode.dicom_io.scp import check_ae_title
     from dipnode.dicom_io.scu import Destination
 
     try:
-        return Destination.parse(text)
+        check_ae_title("--aet", calling_ae)
     except ValueError as exc:
         raise UserError(str(exc)) from None
+    try:
+        return Destination.parse(text)
+    except ValueError as exc:
+        raise UserError(f"{name}: {str(exc).removeprefix('destination: ')}") from None
 
 
 def cmd_send(args: argparse.Namespace) -> int:
     from dipnode.dicom_io.scu import send_files
     from dipnode.node.pipeline import files_under
 
-    dest = _destination(args.to)
+    dest = _destination(args.to, "--to", args.aet)
     try:
         paths = [p for root in args.paths for p in files_under(root)]
     except ValueError as exc:
@@ -353,7 +363,7 @@ def cmd_send(args: argparse.Namespace) -> int:
 def cmd_echo(args: argparse.Namespace) -> int:
     from dipnode.dicom_io.scu import echo
 
-    dest = _destination(args.destination)
+    dest = _destination(args.destination, "AET@HOST:PORT", args.aet)
     result = echo(dest, calling_ae=args.aet, timeout_s=args.timeout)
     if not result.ok:
         raise UserError(f"C-ECHO {dest}: {result.message}")

@@ -148,9 +148,18 @@ def test_echo_and_send_failures_are_one_line_without_library_logs(study: Phantom
     assert "pynetdicom" in r.stderr
 
 
-def test_send_rejects_a_malformed_destination(tmp_path: Path) -> None:
-    r = dipnode("send", str(tmp_path), "--to", "not-a-destination")
-    assert r.returncode == 1 and "AET@HOST:PORT" in r.stderr
+@pytest.mark.parametrize("argv,message", [
+    (["send", "{tmp}", "--to", "not-a-destination"],
+     "dipnode send: error: --to: expected 'AET@HOST:PORT', got 'not-a-destination'"),
+    (["echo", "PACS@127.0.0.1:99999"], "dipnode echo: error: AET@HOST:PORT: port: expected 1-65535, got 99999"),
+    (["echo", "PACS@127.0.0.1:104", "--aet", "A_TITLE_TOO_LONG_X"], "dipnode echo: error: --aet: expected 1-16"),
+    (["send", "{tmp}", "--to", "PACS@127.0.0.1:104", "--aet", "A\\B"], "dipnode send: error: --aet: expected 1-16"),
+    (["echo", "PACS@nohost.invalid:104"], "dipnode echo: error: C-ECHO PACS@nohost.invalid:104: association "
+     "with PACS@nohost.invalid:104 not established: cannot resolve or use host 'nohost.invalid'"),
+])
+def test_peer_and_title_mistakes_are_one_line(tmp_path: Path, argv: list[str], message: str) -> None:
+    r = dipnode(*[a.format(tmp=tmp_path) for a in argv])
+    assert r.returncode == 1 and r.stderr.startswith(message) and r.stderr.count("\n") == 1, r.stderr
 
 
 def _node_config(tmp_path: Path) -> Path:
