@@ -89,8 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "receiving store; the report compares the methods.")
     p.add_argument("--out", type=Path, default=Path("dipnode-report"), metavar="DIR",
                    help="where the report goes (default: dipnode-report)")
-    p.add_argument("--preset", default="fast",
-                   help="fast (default on every device: what the README measured), paper or tiny")
+    p.add_argument("--preset", default=None,
+                   help="fast (the default on every device: what the README measured), paper or tiny")
     p.add_argument("--voxel-mm", type=float, default=None, metavar="MM",
                    help="phantom voxel size (default: 2 for the paper preset, else 4)")
     p.add_argument("--device", default="auto", metavar="D",
