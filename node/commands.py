@@ -161,7 +161,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from dipnode.node.settings import SettingsError
 
     settings = load_node_settings(args.config)
-    device = _check_node_device(settings)
+    try:
+        device = _check_node_device(settings)
+    except UserError as exc:
+        # The node still starts: what arrives is received and kept (a scanner's push must not
+        # fail because a GPU is missing); each job fails with this reason until the device is
+        # there, and `dipnode rerun` processes them again then.
+        log.error("%s; studies are received and kept, but every job fails until it is fixed "
+                  "(then `dipnode rerun JOB`)", exc)
+        device = None
     if settings.method.preset == "paper" and device == "cpu":
         log.warning('method preset "paper" on the CPU: one study takes days there (200 L-BFGS '
                     "epochs of the full U-Net, bench/README.md); run the node on a CUDA GPU, or set "
