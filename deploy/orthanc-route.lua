@@ -5,9 +5,9 @@ function OnStableSeries(seriesId, tags, metadata)
   local modality = tags['Modality']
   if modality == 'PT' or modality == 'MR' then
     -- A series that dipnode itself produced comes back tagged by its Series Description
-    -- prefix; never route it again (no loop).
+    -- prefix ([output] description_prefix, default "dipnode"); never route it again (no loop).
     local description = tags['SeriesDescription'] or ''
-    if string.find(description, '^SDIP') == nil then
+    if string.find(description, '^dipnode') == nil then
       print('routing series ' .. seriesId .. ' (' .. modality .. ') to dipnode')
       SendToModality(seriesId, 'dipnode')
     end

@@ -1,8 +1,17 @@
-"""What each `dipnode` subcommand does, kept apart from argument parsing (cli.py)."""
+"""What each `dipnode` subcommand does, kept apart from argument parsing (cli.py).
+
+Every mistake a user can make (a missing folder, a bad value, a peer that refuses) is raised
+as :class:`UserError` and printed by the CLI as one line naming what the user typed: the
+option (``--fwhm``), the argument (``PET_DIR``) or the settings key (``method.device``),
+never an internal name. Exit status 1; usage mistakes caught by argparse exit 2.
+"""
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import os
+import re
 import sys
 from pathlib import Path
 
@@ -12,161 +21,236 @@ from dipnode.models.params import DipParams, Method, preset
 
 log = logging.getLogger(__name__)
 
+#: The settings file that serve, health, jobs, rerun and resend read without --config.
+CONFIG_ENV = "DIPNODE_CONFIG"
+DEFAULT_CONFIG = Path("/etc/dipnode/dipnode.toml")
+#: The preset of the one-shot commands (demo, denoise) unless --preset says otherwise: the
+#: one whose results and run time the README reports. The node's own default is in settings.
+DEFAULT_PRESET = "fast"
+
 
 class UserError(Exception):
     """Bad input or an unreachable peer: printed as one line, exit status 1."""
 
 
-_PARAM_ARGS = {"alpha": "alpha", "epochs": "epochs", "sample_from": "sample_from",
-               "sample_every": "sample_every", "fwhm": "fwhm_voxels", "device": "device",
-               "seed": "seed"}
+# DipParams field -> the option that sets it on the command line.
+_OPTION_OF_FIELD = {"alpha": "--alpha", "epochs": "--epochs", "sample_from": "--sample-from",
+                    "sample_every": "--sample-every", "fwhm_voxels": "--fwhm", "device": "--device",
+                    "seed": "--seed"}
 
 
 def method_overrides(args: argparse.Namespace) -> dict[str, object]:
     """The DipParams fields given on the command line."""
-    return {field: getattr(args, arg) for arg, field in _PARAM_ARGS.items()
-            if getattr(args, arg, None) is not None}
+    return {field: getattr(args, opt.removeprefix("--").replace("-", "_"))
+            for field, opt in _OPTION_OF_FIELD.items()
+            if getattr(args, opt.removeprefix("--").replace("-", "_"), None) is not None}
 
 
-def default_preset_name(device: object) -> str:
-    """`paper` where a GPU will run it, `fast` on a CPU (the paper preset takes hours there)."""
-    import torch
-
-    wants_cuda = (device or "auto") != "cpu"
-    return "paper" if wants_cuda and torch.cuda.is_available() else "fast"
+def in_cli_words(message: str) -> str:
+    """A parameter error as the user typed it: ``DipParams.fwhm_voxels`` -> ``--fwhm``,
+    ``epochs=3`` -> ``--epochs 3``."""
+    message = re.sub(r"DipParams\.(\w+)", lambda m: _OPTION_OF_FIELD.get(m[1], m[1]), message)
+    message = re.sub(r"\b(\w+)=", lambda m: (f"{_OPTION_OF_FIELD[m[1]]} " if m[1] in _OPTION_OF_FIELD
+                                              else m[0]), message)
+    return message.removeprefix("DipParams: ")
 
 
 def resolve_params(preset_name: str | None, overrides: dict[str, object],
                    base: DipParams | None = None) -> DipParams:
+    """``base`` (else the named preset, else DEFAULT_PRESET) with the command line's values."""
     try:
-        if base is None:
-            base = preset(preset_name or default_preset_name(overrides.get("device")))
-        elif preset_name:
-            base = preset(preset_name)
+        if base is None or preset_name:
+            try:
+                base = preset(preset_name or DEFAULT_PRESET)
+            except ValueError as exc:
+                raise UserError(f"--preset: {exc}") from None
         if "epochs" in overrides and "sample_from" not in overrides:
             # Keep the schedule's shape (sample the second half) when only the epochs change.
             overrides = {**overrides, "sample_from": max(1, int(overrides["epochs"]) // 2)}  # type: ignore[call-overload]
         return base.replace(**overrides)
     except (ValueError, TypeError) as exc:
-        raise UserError(str(exc)) from None
+        raise UserError(in_cli_words(str(exc))) from None
+
+
+def describe_device(device: str, key: str = "--device") -> str:
+    """The torch device that ``device`` names, in words ("cpu", "cuda:0 (NVIDIA H200)").
+
+    Raises UserError naming ``key`` when it is not on this host, so that a command fails
+    before it does any work rather than at the first epoch.
+    """
+    import torch
+
+    from dipnode.models.dip import DeviceUnavailableError, resolve_device
+
+    try:
+        dev = resolve_device(device)
+    except DeviceUnavailableError:
+        if torch.cuda.is_available():
+            n = torch.cuda.device_count()
+            raise UserError(f"{key} {device}: this host has {n} CUDA device(s), cuda:0 to "
+                            f"cuda:{n - 1}") from None
+        build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+        raise UserError(f"{key} {device}: no CUDA device on this host (torch {torch.__version__}, "
+                        f"{build}); use {key} cpu or {key} auto") from None
+    if dev.type == "cuda":
+        return f"{dev} ({torch.cuda.get_device_name(dev)})"
+    return str(dev)
 
 
 def dispatch(args: argparse.Namespace) -> int:
     handler = {
-        "denoise": cmd_denoise, "serve": cmd_serve, "send": cmd_send, "echo": cmd_echo,
-        "jobs": cmd_jobs, "rerun": cmd_rerun, "resend": cmd_resend, "demo": cmd_demo,
+        "denoise": cmd_denoise, "serve": cmd_serve, "health": cmd_health, "send": cmd_send,
+        "echo": cmd_echo, "jobs": cmd_jobs, "rerun": cmd_rerun, "resend": cmd_resend,
+        "demo": cmd_demo,
     }[args.command]
     return handler(args)
 
 
-class EpochBar:
-    """A tqdm progress bar fed by the engine's per-epoch callback."""
-
-    def __init__(self, total: int, desc: str) -> None:
-        self.bar = tqdm(total=total, desc=desc, unit="epoch", file=sys.stderr,
-                        disable=None)  # None: off when stderr is not a terminal
-
-    def __call__(self, epoch: int, epochs: int, loss: float) -> None:
-        self.bar.total = epochs
-        self.bar.set_postfix(loss=f"{loss:.3g}", refresh=False)
-        self.bar.update(epoch - self.bar.n)
-
-    def close(self) -> None:
-        self.bar.close()
+def say(text: str) -> None:
+    """A progress line for the person at the terminal (stderr: stdout carries the results)."""
+    print(text, file=sys.stderr, flush=True)
 
 
-def cmd_denoise(args: argparse.Namespace) -> int:
-    from dipnode.node import pipeline
+# -- settings ---------------------------------------------------------------------------------
+def config_path(given: Path | None) -> tuple[Path | None, str]:
+    """The settings file to read and where it came from: --config, else $DIPNODE_CONFIG, else
+    /etc/dipnode/dipnode.toml when it exists; (None, searched) when there is none."""
+    if given is not None:
+        return Path(given), "--config"
+    env = os.environ.get(CONFIG_ENV)
+    if env:
+        return Path(env), CONFIG_ENV
+    if DEFAULT_CONFIG.is_file():
+        return DEFAULT_CONFIG, "the default path"
+    return None, f"--config not given, {CONFIG_ENV} not set, {DEFAULT_CONFIG} does not exist"
 
-    params = resolve_params(args.preset, method_overrides(args))
-    method = Method(args.method or "sdip")
-    if method.needs_mr and args.mr_dir is None:
-        raise UserError(f"--method {method.value} needs MR_DIR (or use --method gaussian)")
+
+def load_node_settings(given: Path | None):
+    """The node's settings for serve/health/jobs/rerun/resend, or a UserError saying what is
+    missing and where the file was looked for."""
+    from dipnode.node.settings import SettingsError, load_settings
+
+    path, origin = config_path(given)
+    if path is not None and not path.is_file():
+        raise UserError(f"settings file {path} (from {origin}): no such file")
     try:
-        pet_paths = pipeline.files_under(args.pet_dir)
-        mr_paths = pipeline.files_under(args.mr_dir) if args.mr_dir is not None else None
-        bar = EpochBar(params.epochs, method.value) if method.needs_mr else None
-        try:
-            result = pipeline.run(pet_paths, mr_paths, args.out, method=method, params=params,
-                                  progress=bar)
-        finally:
-            if bar is not None:
-                bar.close()
-    except (ValueError, OSError) as exc:  # DicomInputError, AlignmentError, PipelineError, ...
-        raise UserError(str(exc)) from None
-    print(f"wrote {len(result.pet_files)} derived PET files to {args.out / 'pet'}")
-    if result.map_files:
-        print(f"wrote the stability map ({len(result.map_files)} files) to {args.out}")
-    return 0
+        return load_settings(path)
+    except SettingsError as exc:
+        if path is not None:
+            raise UserError(str(exc)) from None
+        env_keys = [k for k in os.environ if k.startswith("DIPNODE_") and k != CONFIG_ENV]
+        if not env_keys:
+            raise UserError(f"no settings file: {origin}. Give --config FILE (every key: "
+                            "deploy/dipnode.example.toml).") from None
+        raise UserError(f"{exc}\n(no settings file: {origin})") from None
 
 
+def _check_node_device(settings) -> str:
+    key = "method.device" if settings.method.device is not None else "workers.device"
+    device = settings.dip_params().device
+    try:
+        return describe_device(device, key=key)
+    except UserError as exc:
+        raise UserError(str(exc).replace(f"{key} {device}", f"{key} = {device!r}")
+                        .replace(f"use {key} cpu or {key} auto", 'set it to "cpu" or "auto"')) from None
+
+
+# -- the node -------------------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
-    from dipnode.node.lock import NodeLocked
+    from dipnode.node.lock import NodeLocked, WriterLock
     from dipnode.node.server import serve
-    from dipnode.node.settings import load_settings
+    from dipnode.node.settings import SettingsError
 
+    settings = load_node_settings(args.config)
+    # A second node on this spool or database says so first, in one line, before any other
+    # message (the Node takes the lock again for good; a race in between ends the same way).
     try:
-        settings = load_settings(args.config)
-    except (ValueError, OSError) as exc:
-        raise UserError(f"settings: {exc}") from None
+        WriterLock.for_node(settings.storage.spool_dir, settings.storage.database).release()
+    except NodeLocked as exc:
+        raise UserError(str(exc)) from None
+    try:
+        device = _check_node_device(settings)
+    except UserError as exc:
+        # The node still starts: what arrives is received and kept (a scanner's push must not
+        # fail because a GPU is missing); each job fails with this reason until the device is
+        # there, and `dipnode rerun` processes them again then.
+        log.error("%s; studies are received and kept, but every job fails until it is fixed "
+                  "(then `dipnode rerun JOB`)", exc)
+        device = None
+    if settings.method.preset == "paper" and device == "cpu":
+        log.warning('method preset "paper" on the CPU: one study takes days there (200 L-BFGS '
+                    "epochs of the full U-Net, bench/README.md); run the node on a CUDA GPU, or set "
+                    '[method] preset = "fast" to try it out')
     try:
         return serve(settings)
     except NodeLocked as exc:  # another node on this spool or database: one line, exit 1
         raise UserError(str(exc)) from None
-
-
-def _destination(text: str):
-    from dipnode.dicom_io.scu import Destination
-
-    try:
-        return Destination.parse(text)
-    except ValueError as exc:
+    except SettingsError as exc:  # TLS files unreadable: found when the receiver starts
         raise UserError(str(exc)) from None
+    except OSError as exc:  # the port is taken, the address is not this host's, a folder is not writable
+        if exc.filename is None and exc.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES):
+            raise UserError(f"node.host, node.port {settings.node.host}:{settings.node.port}: "
+                            f"{exc.strerror}") from None
+        where = f": {exc.filename}" if exc.filename else ""
+        raise UserError(f"cannot start the node: {exc.strerror or exc}{where}") from None
 
 
-def cmd_send(args: argparse.Namespace) -> int:
-    from dipnode.dicom_io.scu import send_files
-    from dipnode.node.pipeline import files_under
+def cmd_health(args: argparse.Namespace) -> int:
+    """C-ECHO this node as its settings describe it (the container's health check).
 
-    dest = _destination(args.to)
-    try:
-        paths = [p for root in args.paths for p in files_under(root)]
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
-    bar = tqdm(total=len(paths), desc=f"send to {dest.ae_title}", unit="file", file=sys.stderr,
-               disable=None)
-    report = send_files(paths, dest, calling_ae=args.aet, progress=lambda *_: bar.update(1))
-    bar.close()
-    if not report.association_ok:
-        raise UserError(f"{dest.ae_title}@{dest.host}:{dest.port}: {report.error}")
-    for r in report.results:
-        if not r.ok:
-            status = "no response" if r.status is None else f"status 0x{r.status:04X}"
-            print(f"FAILED {r.path_or_uid}: {status} {r.message}", file=sys.stderr)
-    print(f"{report.n_ok} sent, {report.n_failed} failed")
-    return 0 if report.all_ok else 1
+    It calls the node's own AE title on the port it listens on, from loopback, as its own AE
+    title when the node accepts that, else as the first accepted calling AE title: read from
+    the same settings file as `serve`, so the check cannot drift from the node's access list.
+    """
+    import ssl
 
+    from dipnode.dicom_io.scu import Destination, echo
 
-def cmd_echo(args: argparse.Namespace) -> int:
-    from dipnode.dicom_io.scu import echo
-
-    dest = _destination(args.destination)
-    result = echo(dest, calling_ae=args.aet)
-    ok = bool(getattr(result, "ok", result))
-    print(f"C-ECHO {dest.ae_title}@{dest.host}:{dest.port}: {'success' if ok else 'FAILED'}"
-          + (f" ({result.message})" if getattr(result, "message", "") else ""))
-    return 0 if ok else 1
+    settings = load_node_settings(args.config)
+    n = settings.node
+    if n.port == 0:
+        raise UserError("node.port is 0 (a port the OS picks): the health check cannot know it")
+    if not n.allowed_calling_aets:
+        raise UserError("node.allowed_calling_aets is []: the node accepts no caller, "
+                        "the health check included")
+    calling = (n.ae_title if n.accepts_any_caller() or n.ae_title in n.allowed_calling_aets
+               else n.allowed_calling_aets[0])
+    host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(n.host, n.host)
+    if n.allowed_addresses:
+        import ipaddress
+        ip = ipaddress.ip_address(host) if re.fullmatch(r"[\d.]+|[0-9a-fA-F:]+", host) else None
+        if ip is None or not any(ip in ipaddress.ip_network(a, strict=False) for a in n.allowed_addresses):
+            raise UserError(f"node.allowed_addresses {n.allowed_addresses} does not include {host}, "
+                            "where the health check calls from: add it")
+    tls = None
+    if n.tls_enabled:
+        # Our own process on loopback: the check is that it answers, not who it is.
+        tls = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+        tls.check_hostname = False
+        tls.verify_mode = ssl.CERT_NONE
+        if n.tls_require_client_cert:
+            s = settings.sender
+            if s.tls_cert is None or s.tls_key is None:
+                raise UserError("node.tls_require_client_cert is true: the health check needs a "
+                                "client certificate in sender.tls_cert and sender.tls_key")
+            tls.load_cert_chain(s.tls_cert, s.tls_key)
+    dest = Destination(n.ae_title, host, n.port)
+    result = echo(dest, calling_ae=calling, tls=tls, timeout_s=args.timeout)
+    if not result.ok:
+        raise UserError(f"C-ECHO {dest} as {calling}: {result.message}")
+    print(f"C-ECHO {dest} as {calling}: success")
+    return 0
 
 
 def _open_store(config: Path | None):
-    from dipnode.node.settings import load_settings
     from dipnode.node.store import Store
 
-    try:
-        settings = load_settings(config)
-    except (ValueError, OSError) as exc:
-        raise UserError(f"settings: {exc}") from None
-    return settings, Store.open(settings.storage.database)
+    settings = load_node_settings(config)
+    db = Path(settings.storage.database)
+    if not db.is_file():
+        raise UserError(f"storage.database {db}: no such file (has `dipnode serve` run with "
+                        "these settings? Give the same --config as the node's)")
+    return settings, Store.open(db)
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
@@ -180,6 +264,10 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _job_words(message: str) -> str:
+    return re.sub(r"^job: ", "JOB: ", message)  # the argument as `dipnode rerun --help` names it
+
+
 def cmd_rerun(args: argparse.Namespace) -> int:
     from dipnode.node.admin import request_rerun
 
@@ -188,7 +276,7 @@ def cmd_rerun(args: argparse.Namespace) -> int:
         new_id = request_rerun(store, settings, args.job, method=args.method,
                                preset_name=args.preset, overrides=method_overrides(args))
     except (ValueError, KeyError) as exc:
-        raise UserError(str(exc)) from None
+        raise UserError(_job_words(in_cli_words(str(exc).strip("'\"")))) from None
     print(f"job {new_id} queued (re-run of job {args.job}); `dipnode jobs` shows its progress")
     return 0
 
@@ -200,15 +288,119 @@ def cmd_resend(args: argparse.Namespace) -> int:
     try:
         n = request_resend(store, args.job)
     except (ValueError, KeyError) as exc:
-        raise UserError(str(exc)) from None
+        raise UserError(_job_words(str(exc).strip("'\""))) from None
     print(f"job {args.job}: {n} deliveries queued again")
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from dipnode.node.demo import run_demo
+# -- one-shot commands ----------------------------------------------------------------------
+def output_options():
+    """The node's default output settings (series numbers 1001/1002/1003, labels), so that
+    `dipnode denoise` writes what the node sends."""
+    from dipnode.node.pipeline import OutputOptions
+    from dipnode.node.settings import OutputSettings
 
-    report = run_demo(args.out, preset_name=args.preset, voxel_mm=args.voxel_mm,
-                      device=args.device)
+    o = OutputSettings()
+    return OutputOptions(series_number_pet=o.series_number_pet or 0,
+                         series_number_map=o.series_number_map or 0,
+                         series_number_map_plain=o.series_number_map_plain or 0,
+                         description_prefix=o.description_prefix, research=o.research)
+
+
+def cmd_denoise(args: argparse.Namespace) -> int:
+    from dipnode.node import pipeline
+    from dipnode.node.progress import FitProgress
+
+    for name, folder in (("PET_DIR", args.pet_dir), ("MR_DIR", args.mr_dir)):
+        if folder is not None and not folder.exists():
+            raise UserError(f"{name} {folder}: no such file or folder")
+    method = Method(args.method or "sdip")
+    if method.needs_mr and args.mr_dir is None:
+        raise UserError(f"--method {method.value} needs MR_DIR (or use --method gaussian)")
+    preset_name = args.preset or DEFAULT_PRESET
+    params = resolve_params(preset_name, method_overrides(args))
+    device = describe_device(params.device) if method.needs_mr else "cpu"
+    if method.needs_mr:
+        say(f"{method.value}: preset {preset_name}{'' if args.preset else ' (the default; --preset paper for the paper settings)'}, "
+            f"{params.epochs} epochs on {device}; reading the series and registering the MR first")
+    try:
+        pet_paths = pipeline.files_under(args.pet_dir)
+        mr_paths = pipeline.files_under(args.mr_dir) if args.mr_dir is not None else None
+        bar = FitProgress(params.epochs, method.value.upper(), device) if method.needs_mr else None
+        try:
+            result = pipeline.run(pet_paths, mr_paths, args.out, method=method, params=params,
+                                  options=output_options(), progress=bar)
+        finally:
+            if bar is not None:
+                bar.close()
+    except (ValueError, OSError) as exc:  # DicomInputError, AlignmentError, PipelineError, ...
+        raise UserError(in_cli_words(str(exc))) from None
+    folders = sorted({p.parent for p in result.files})
+    maps = f" and {len(result.map_files)} stability-map files" if result.map_files else ""
+    print(f"wrote {len(result.pet_files)} derived PET files{maps} to {args.out}: "
+          + ", ".join(f"{f.relative_to(args.out)}/" for f in folders))
+    return 0
+
+
+def _destination(text: str, name: str, calling_ae: str):
+    """The peer ``text`` (option or argument ``name``), after checking our AE title (--aet)."""
+    from dipnode.dicom_io.scp import check_ae_title
+    from dipnode.dicom_io.scu import Destination
+
+    try:
+        check_ae_title("--aet", calling_ae)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    try:
+        return Destination.parse(text)
+    except ValueError as exc:
+        raise UserError(f"{name}: {str(exc).removeprefix('destination: ')}") from None
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    from dipnode.dicom_io.scu import send_files
+    from dipnode.node.pipeline import files_under
+
+    dest = _destination(args.to, "--to", args.aet)
+    try:
+        paths = [p for root in args.paths for p in files_under(root)]
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    bar = tqdm(total=len(paths), desc=f"send to {dest.ae_title}", unit="file", file=sys.stderr,
+               disable=None)  # None: off when stderr is not a terminal
+    report = send_files(paths, dest, calling_ae=args.aet, progress=lambda *_: bar.update(1))
+    bar.close()
+    if not report.association_ok:
+        raise UserError(f"{report.error}")
+    for r in report.results:
+        if not r.ok:
+            status = "" if r.status is None else f"status 0x{r.status:04X} "
+            print(f"FAILED {r.path_or_uid}: {status}{r.message}", file=sys.stderr)
+    print(f"{report.n_ok} sent, {report.n_failed} failed")
+    return 0 if report.all_ok else 1
+
+
+def cmd_echo(args: argparse.Namespace) -> int:
+    from dipnode.dicom_io.scu import echo
+
+    dest = _destination(args.destination, "AET@HOST:PORT", args.aet)
+    result = echo(dest, calling_ae=args.aet, timeout_s=args.timeout)
+    if not result.ok:
+        raise UserError(f"C-ECHO {dest}: {result.message}")
+    print(f"C-ECHO {dest}: success")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    # Before the phantom is built and pushed (and before the demo's imports): a device that
+    # is not here fails at once.
+    describe_device(args.device)
+    from dipnode.node.demo import DemoError, run_demo
+
+    try:
+        report = run_demo(args.out, preset_name=args.preset, voxel_mm=args.voxel_mm,
+                          device=args.device)
+    except DemoError as exc:
+        raise UserError(str(exc)) from None
     print(f"report written to {report}")
     return 0

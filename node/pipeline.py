@@ -50,7 +50,7 @@ class OutputOptions:
     series_number_pet: int = 1001
     series_number_map: int = 1002
     series_number_map_plain: int = 0  # 0: no plain derived copy of the map
-    description_prefix: str = "SDIP"
+    description_prefix: str = "dipnode"
     research: bool = True
     # Output UIDs derive from this seed; None: from the sources and the parameters, so running
     # the same inputs again gives the same UIDs (a re-send is idempotent). The node passes its
@@ -139,6 +139,22 @@ def describe(method: Method, params: DipParams, pair: PetMrPair) -> str:
     return text[:1024]
 
 
+def series_descriptions(prefix: str, method: Method, params: DipParams) -> dict[str, str]:
+    """Series Description (0008,103E, LO: <= 64 characters) of each output, as a PACS lists it:
+    the prefix (routing rules match it so that outputs are not routed back), what the series
+    is, and the method: "dipnode PET SDIP a0.6", "dipnode stability map". The writers
+    append " [RESEARCH]" while outputs are labelled research."""
+    if method is Method.SDIP:
+        name = f"SDIP a{params.alpha:g}"
+    elif method is Method.CDIP:
+        name = "cDIP"
+    else:
+        name = f"Gaussian {params.fwhm_voxels:.3g} vx"
+    lead = f"{prefix} " if prefix else ""
+    return {"pet": f"{lead}PET {name}", "map": f"{lead}stability map",
+            "map-plain": f"{lead}stability map Bq/ml"}
+
+
 def content_uid_seed(method: Method, params: DipParams, pair: PetMrPair) -> str:
     """Outputs derive from the sources and the parameters: a re-send of the same run is idempotent."""
     payload = {
@@ -157,9 +173,7 @@ def encode_and_write(aligned: AlignedPair, result: DenoiseResult, pair: PetMrPai
     seed = options.uid_seed or content_uid_seed(method, params, pair)
     now = datetime.now(timezone.utc).astimezone()
     derivation = describe(method, params, pair)
-    label = f"{options.description_prefix} {method.value.upper()}"
-    if method is Method.SDIP:
-        label += f" a{params.alpha:g}"
+    descriptions = series_descriptions(options.description_prefix, method, params)
     # The writers append " [RESEARCH]" to the description while spec.research is set.
 
     def spec(role: str, number: int, description: str) -> OutputSpec:
@@ -170,12 +184,12 @@ def encode_and_write(aligned: AlignedPair, result: DenoiseResult, pair: PetMrPai
             software_version=software_version(), research=options.research,
         )
 
-    pet_ds = write_derived_pet(aligned.pet, result.denoised, spec("pet", options.series_number_pet, label))
+    pet_ds = write_derived_pet(aligned.pet, result.denoised, spec("pet", options.series_number_pet, descriptions["pet"]))
     pet_files = write_series(pet_ds, out_dir / "pet")
     map_files: list[Path] = []
     if result.stability is not None and options.series_number_map:
         pm = write_stability_map(aligned.pet, result.stability,
-                                 spec("map", options.series_number_map, f"{label} stability map"),
+                                 spec("map", options.series_number_map, descriptions["map"]),
                                  mr_reference_note=derivation)
         map_dir = out_dir / "map"
         map_dir.mkdir(parents=True, exist_ok=True)
@@ -185,7 +199,7 @@ def encode_and_write(aligned: AlignedPair, result: DenoiseResult, pair: PetMrPai
         if options.series_number_map_plain:
             plain = write_derived_pet(aligned.pet, result.stability,
                                       spec("map-plain", options.series_number_map_plain,
-                                           f"{label} stability map (Bq/ml)"))
+                                           descriptions["map-plain"]))
             map_files += write_series(plain, out_dir / "map-plain")
     return pet_files, map_files
 

@@ -206,7 +206,12 @@ class MethodSettings(_Section):
 
     @model_validator(mode="after")
     def _params_valid(self) -> "MethodSettings":
-        self.dip_params()  # the combination must make valid DipParams (ValueError -> ValidationError)
+        # The combination must make valid DipParams; its keys are this section's, so the
+        # message names them as the user wrote them ("fwhm_voxels", not "DipParams.fwhm_voxels").
+        try:
+            self.dip_params()
+        except ValueError as exc:
+            raise ValueError(str(exc).replace("DipParams.", "").removeprefix("DipParams: ")) from None
         return self
 
     def dip_params(self) -> DipParams:
@@ -232,7 +237,9 @@ class OutputSettings(_Section):
     series_number_pet: int | None = Field(1001, ge=0, le=2**31 - 1)
     series_number_map: int | None = Field(1002, ge=0, le=2**31 - 1)
     series_number_map_plain: int | None = Field(1003, ge=0, le=2**31 - 1)
-    description_prefix: str = Field("SDIP", max_length=32)  # leaves room in LO's 64 characters
+    # The first word of every output's Series Description; routing rules (deploy/orthanc-route.lua)
+    # match it so that outputs are not routed back. <= 32 leaves room in LO's 64 characters.
+    description_prefix: str = Field("dipnode", max_length=32)
     research: bool = True  # label outputs as research until someone clears the device
 
     @field_validator("series_number_pet", "series_number_map", "series_number_map_plain")
@@ -377,6 +384,11 @@ def _format_errors(err: ValidationError, origin: str) -> str:
             lines.append(f"  {key}: expected a value, got none (required)")
         elif e["type"] == "extra_forbidden":
             lines.append(f"  {key}: expected no such key (unknown setting), got {e['input']!r}")
+        elif re.match(r"^\w+(, \w+)*: .*, got ", msg):
+            # A section's own check that names its keys and values ("fwhm_voxels: expected
+            # a number >= 0, got -1.0"): the key path, and no second "got" with the whole section.
+            field, rest = msg.split(": ", 1)
+            lines.append(f"  {key}.{field}: {rest}" if "," not in field else f"  {key}: {msg}")
         else:
             lines.append(f"  {key}: {msg}; got {e.get('input')!r}")
     return f"invalid settings ({origin}):\n" + "\n".join(lines)

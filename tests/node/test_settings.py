@@ -135,9 +135,17 @@ def test_ae_title_padding_is_not_significant():
         validate_ae_title("    ")
 
 
-def test_example_file_loads_and_its_commented_defaults_are_the_defaults(tmp_path):
+def test_example_file_makes_the_admin_list_the_callers(tmp_path):
+    # The example accepts no caller until the admin writes the list: no ["*"] by copy-paste.
+    with pytest.raises(SettingsError, match=r"node.allowed_calling_aets: expected a value"):
+        load_settings(write(tmp_path, example_settings_toml()))
+
+
+def test_example_file_loads_and_its_commented_defaults_are_the_defaults(tmp_path, monkeypatch):
     text = example_settings_toml()
+    monkeypatch.setenv("DIPNODE_NODE__ALLOWED_CALLING_AETS", '["ORTHANC", "PETMR1"]')
     as_is = load_settings(write(tmp_path, text))
+    monkeypatch.delenv("DIPNODE_NODE__ALLOWED_CALLING_AETS")
     # Uncomment every "# key = value" line outside the destination example: the documented
     # defaults must be the real defaults.
     head, sep, tail = text.partition("# [[destinations]]")
