@@ -136,7 +136,11 @@ def _find(assoc: Any, query: Dataset) -> tuple[list[Dataset], str | None]:
     final: int | None = None
     for status, identifier in assoc.send_c_find(query, FIND):
         if status is None or "Status" not in status:
-            return found, "no C-FIND response (timeout, abort or invalid response)"
+            # Orthanc 1.10 answers a C-FIND from an AE title it does not know with a response
+            # pynetdicom cannot read (an empty status): say what to check.
+            calling = str(assoc.requestor.ae_title).strip()
+            return found, (f"no valid C-FIND response (timed out, or refused: does the peer know "
+                           f"and allow AE title {calling!r} to query?)")
         code = int(status.Status)
         if _pending(code):
             if identifier is not None:
@@ -263,17 +267,20 @@ def _collect(peer: Destination, how: str, series_uid: str,
         if status is None or "Status" not in status:
             break
         code = int(status.Status)
-        completed = int(status.get("NumberOfCompletedSuboperations", completed) or 0)
-        failed = int(status.get("NumberOfFailedSuboperations", failed) or 0)
-        warning = int(status.get("NumberOfWarningSuboperations", warning) or 0)
+        # Counters only grow. Orthanc 1.10 stops a C-MOVE at the first refused sub-operation and
+        # answers 0xC000 with every counter 0, so the pending responses' counts are kept.
+        completed = max(completed, int(status.get("NumberOfCompletedSuboperations", 0) or 0))
+        failed = max(failed, int(status.get("NumberOfFailedSuboperations", 0) or 0))
+        warning = max(warning, int(status.get("NumberOfWarningSuboperations", 0) or 0))
         if not _pending(code):
             final = code
     if final is None:
         error: str | None = f"no final C-{how.upper()} response (timeout or abort)"
     elif final == QrStatus.SUCCESS and failed == 0:
         error = None
-    elif final in (QrStatus.SUCCESS, QrStatus.SUBOPS_COMPLETE_WITH_FAILURES):
-        error = f"partial: {failed} of {completed + failed + warning} sub-operations failed ({describe_qr(final)})"
+    elif final in (QrStatus.SUCCESS, QrStatus.SUBOPS_COMPLETE_WITH_FAILURES) or completed:
+        error = (f"partial: {completed} sub-operation(s) completed, {failed} failed, then "
+                 f"{describe_qr(final)}")
     else:
         error = f"refused: {describe_qr(final)}"
     report = RetrieveReport(peer, how, series_uid, final, completed, failed, warning, error)

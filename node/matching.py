@@ -308,6 +308,8 @@ def decide(pet: SeriesRow, candidates: list[SeriesRow], now: float, settings: "S
             return Decision(DecisionKind.WAIT, None, reason=f"retrieving from the sources: {fetch.note or 'query due'}")
         if fetch.state is FetchState.RETRIEVED:
             uid = fetch.series_uid
+            if uid in report.waiting_for:  # retrieved: completes by count or stable age
+                return Decision(DecisionKind.WAIT, None, reason=f"retrieved MR {uid} completing")
             why = dict(report.rejected).get(uid or "", "not in the index")
             return Decision(DecisionKind.FETCH, None,
                             reason=f"retrieved MR {uid} is not usable ({why}); querying the sources again")
