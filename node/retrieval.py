@@ -69,10 +69,12 @@ class Retriever:
         self._wake.set()
 
     def stop(self) -> None:
+        """Stop after the current step; a retrieval cut short is simply done again at the next
+        start (its state is in the store, instances already received are duplicates)."""
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
-            self._thread.join(timeout=self.settings.retrieve.timeout_s + 10)
+            self._thread.join(timeout=5.0)
 
     def _loop(self) -> None:
         interval = self.settings.series.check_interval_s

@@ -7,6 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 
 from dipnode.dicom_io.qr import find_prior_series, get_series, move_series
@@ -15,7 +16,7 @@ from dipnode.dicom_io.scu import Destination
 from dipnode.dicom_io.status import Status, StoreRefused
 from dipnode.dicom_io.uids import derive_uid
 from dipnode.sim.dicom_study import new_study
-from dipnode.sim.exam import AXIAL, MrPart, write_mr_images
+from dipnode.sim.exam import MrPart, write_mr_images
 from peers import OrthancPeer, free_port, run_storescu
 
 pytestmark = [pytest.mark.network]
@@ -33,7 +34,6 @@ def _series(out: Path, patient: str, seed: str, days_before: int, description: s
                             series_number=3, description=description, image_type=["ORIGINAL", "PRIMARY", "M"],
                             acquisition_type="3D")
     if issuer:
-        import pydicom
         for f in files:
             ds = pydicom.dcmread(f)
             ds.IssuerOfPatientID = issuer
