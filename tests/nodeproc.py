@@ -51,7 +51,8 @@ def node_settings(workdir: Path, *, port: int, destinations: list[dict[str, Any]
         "storage": {"spool_dir": str(workdir / "spool"), "database": str(workdir / "dipnode.sqlite"),
                     "min_free_mb": 0},
         "series": {"stable_age_s": 3.0, "check_interval_s": 0.2},
-        "matching": {"mr_wait_s": 60.0, "fallback": "fail"},
+        # mr_grace_s 0: these studies have one MR series; exam tests set their own grace.
+        "matching": {"mr_wait_s": 60.0, "fallback": "fail", "mr_grace_s": 0.0},
         "method": {"name": "sdip", "preset": "tiny", "device": "cpu", **(method or {})},
         "sender": {"retries": 20, "backoff_s": 0.5, "backoff_max_s": 2.0, "timeout_s": 10.0},
     }

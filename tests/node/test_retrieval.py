@@ -10,6 +10,7 @@ import pydicom
 import pytest
 
 from dipnode.dicom_io.scp import start_receiver
+from dipnode.dicom_io.status import Status, StoreRefused
 from dipnode.node import wire
 from dipnode.node.completion import instance_record
 from dipnode.node.matching import DecisionKind, decide
@@ -174,6 +175,40 @@ def test_a_restart_resumes_the_retrieval_without_duplicating_it(tmp_path, pacs, 
         n = node.store.series(f.series_uid).instance_count
         node.store.request_fetch(job_id, time.time())  # asked again: the same retrieval, not a new one
         assert retriever.step(time.time() + 100) == 0 and node.store.series(f.series_uid).instance_count == n
+    finally:
+        receiver.stop()
+        node.store.close()
+
+
+def test_a_partial_move_is_retried_and_the_retry_completes_the_series(tmp_path, pacs, node_port,
+                                                                      realistic_exam) -> None:
+    s = settings(tmp_path, node_port, pacs.dicom_port)
+    node = Node(s)
+    refuse = [True]
+    seen = [0]
+
+    def flaky_on_store(instance):
+        # The node's own receive path, with every 10th instance refused while ``refuse`` holds
+        # (a full disk for a moment): the PACS's C-MOVE stops part way.
+        seen[0] += 1
+        if refuse[0] and seen[0] % 10 == 0:
+            raise StoreRefused(Status.OUT_OF_RESOURCES, "spool full for a moment")
+        return node.on_store(instance)
+
+    receiver = start_receiver(wire.receiver_config(s), flaky_on_store)
+    try:
+        job_id = waiting_job(node, realistic_exam)
+        retriever = Retriever(s, node.store, node.on_store)
+        retriever.step(time.time())
+        f = node.store.fetch(job_id)
+        t1 = realistic_exam.mr_series_uids["t1"]
+        assert f.state is FetchState.QUERY and f.attempts == 1 and "partial: 9 sub-operation(s) completed" in f.note
+        assert node.store.series(t1).instance_count == 9  # kept: the retry only adds the rest
+        refuse[0] = False
+        retriever.step(f.next_attempt_at + 0.01)
+        f = node.store.fetch(job_id)
+        assert f.state is FetchState.RETRIEVED and f.series_uid == t1
+        assert node.store.series(t1).instance_count == len(realistic_exam.mr_files["t1"])
     finally:
         receiver.stop()
         node.store.close()
