@@ -42,7 +42,10 @@ from dipnode.sim.pet_sim import simulate_osem
 from dipnode.sim.phantom import Phantom, make_phantom, phantom_affine
 from dipnode.sim.study import rigid_motion
 
-__all__ = ["MR_SERIES", "MrPart", "RealisticExam", "write_ct_series", "write_mr_images", "write_realistic_exam"]
+__all__ = [
+    "AXIAL", "CORONAL", "MR_SERIES", "SAGITTAL", "MrPart", "RealisticExam", "head_centre", "head_extent", "mr_image",
+    "write_ct_series", "write_mr_images", "write_realistic_exam",
+]
 
 # The exam's MR series in acquisition (and push) order: name -> (number, description).
 MR_SERIES: dict[str, tuple[int, str]] = {
@@ -79,6 +82,34 @@ def _grid(centre: np.ndarray, axes: np.ndarray, spacing: tuple[float, float, flo
 AXIAL = np.array([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0]]).T
 SAGITTAL = np.array([[0, 1.0, 0], [0, 0, -1.0], [-1.0, 0, 0]]).T  # rows A->P, columns S->I
 CORONAL = np.array([[1.0, 0, 0], [0, 0, -1.0], [0, 1.0, 0]]).T  # rows R->L, columns S->I
+
+
+def head_centre(phantom: Phantom) -> np.ndarray:
+    """The centre of the phantom's grid in patient LPS mm."""
+    shape_kji = np.asarray(phantom.shape, float)
+    return (phantom_affine(phantom) @ np.r_[(shape_kji[::-1] - 1) / 2.0, 1.0])[:3]
+
+
+def head_extent(phantom: Phantom) -> tuple[float, float, float]:
+    """The phantom grid's size along x, y, z in mm."""
+    e = np.asarray(phantom.shape, float)[::-1] * np.asarray(phantom.spacing)[::-1]
+    return float(e[0]), float(e[1]), float(e[2])
+
+
+def mr_image(phantom: Phantom, motion: np.ndarray, axes: np.ndarray, spacing: tuple[float, float, float],
+             extent_mm: tuple[float, float, float], contrast: str = "t1") -> MrPart:
+    """The phantom's anatomy as an MR stack in a session where the head moved by ``motion``
+    (a PET point p lies at motion @ p): scanner planes ``axes`` (columns: row, column, normal
+    directions, e.g. SAGITTAL) follow the moved head, ``spacing`` and ``extent_mm`` along them.
+    contrast "t2" inverts the T1-like image inside the head (CSF and grey matter bright)."""
+    centre = (motion @ np.r_[head_centre(phantom), 1.0])[:3]
+    affine, shape = _grid(centre, motion[:3, :3] @ axes, spacing, extent_mm)
+    # Resampling asks, for each MR voxel, where its anatomy is in the PET frame: inv(motion).
+    values = resample_to_grid(phantom.mr, phantom_affine(phantom), shape, affine, transform=np.linalg.inv(motion))
+    if contrast == "t2":
+        inside = values > 0.05 * float(values.max())
+        values = np.where(inside, float(values.max()) * 1.1 - values, 0.0)
+    return MrPart(values.astype(np.float32), affine)
 
 
 def write_mr_images(parts: list[MrPart], out_dir: Path, *, study: StudyInfo, series_uid: str,
@@ -221,25 +252,13 @@ def write_realistic_exam(out_dir: Path, *, voxel_mm: float = 4.0, dose_fraction:
     hu[phantom.masks["brain"]] = 35.0
     ct_files = write_ct_series(hu, pet_affine, out / "ct", study=pet_study)
 
-    shape_kji = np.asarray(phantom.shape, float)
-    centre = (pet_affine @ np.r_[(shape_kji[::-1] - 1) / 2.0, 1.0])[:3]
-    extent = shape_kji[::-1] * np.asarray(phantom.spacing)[::-1]  # x, y, z in mm
-    motion = rigid_motion((3.0, -4.0, 5.0), (5.0, -6.0, 7.0), centre)
-    inverse = np.linalg.inv(motion)  # an MR point -> the PET point of the same anatomy
-    mr_centre = (motion @ np.r_[centre, 1.0])[:3]
-    rotation = motion[:3, :3]
+    motion = rigid_motion((3.0, -4.0, 5.0), (5.0, -6.0, 7.0), head_centre(phantom))
 
     def image(axes: np.ndarray, spacing: tuple[float, float, float], extent_mm: tuple[float, float, float],
               contrast: str = "t1") -> MrPart:
-        # Scanner axes follow the head's motion: the planes are the moved head's planes.
-        affine, shape = _grid(mr_centre, rotation @ axes, spacing, extent_mm)
-        values = resample_to_grid(phantom.mr, pet_affine, shape, affine, transform=inverse)
-        if contrast == "t2":  # CSF and grey matter bright, white matter dark: an inverted T1
-            inside = values > 0.05 * float(values.max())
-            values = np.where(inside, float(values.max()) * 1.1 - values, 0.0)
-        return MrPart(values.astype(np.float32), affine)
+        return mr_image(phantom, motion, axes, spacing, extent_mm, contrast)
 
-    xyz = (float(extent[0]), float(extent[1]), float(extent[2]))
+    xyz = head_extent(phantom)
     uid = {name: derive_uid("sim-mr-series", mr_study.study_instance_uid, name) for name in MR_SERIES}
     common = dict(study=mr_study, frame_of_reference_uid=mr_study.frame_of_reference_uid)
     mr: dict[str, list[Path]] = {}

@@ -1,4 +1,4 @@
-"""A realistic PET/CT study and MR exam (sim/exam.py), written once per test session."""
+"""Shared fixtures: a realistic PET/CT study and MR exam (sim/exam.py), written once per session."""
 from __future__ import annotations
 
 import pytest
