@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import subprocess
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -16,8 +17,10 @@ from dipnode.dicom_io.scu import Destination
 from dipnode.dicom_io.status import Status, StoreRefused
 from dipnode.dicom_io.uids import derive_uid
 from dipnode.sim.dicom_study import new_study
+from dipnode.node import wire
+from dipnode.node.settings import Settings
 from dipnode.sim.exam import MrPart, write_mr_images
-from peers import OrthancPeer, free_port, run_storescu
+from peers import OrthancPeer, free_port, require, run_storescu
 
 pytestmark = [pytest.mark.network]
 
@@ -153,3 +156,48 @@ def test_a_source_that_is_down_is_reported_not_raised() -> None:
     assert not moved.ok and moved.status is None and "peer down" in (moved.error or "")
     got = get_series(peer, "1.2.3", "1.2.3.4", lambda i: Status.SUCCESS, timeout_s=3)
     assert not got.ok and "peer down" in (got.error or "")
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run([require("openssl"), *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+@pytest.mark.timeout(120)
+def test_query_and_c_get_over_tls_as_the_sender_has_it(tmp_path) -> None:
+    """Orthanc as a TLS SCP (PS3.15 B.1); the retriever's context is the sender's (wire.sender_tls):
+    [sender] tls_ca verifies the PACS, tls_cert/tls_key are our client certificate."""
+    d = tmp_path / "pki"
+    d.mkdir()
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=test-ca",
+             "-keyout", "ca.key", "-out", "ca.pem", cwd=d)
+    for name in ("server", "client"):
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
+                 "-keyout", f"{name}.key", "-out", f"{name}.csr", cwd=d)
+        (d / f"{name}.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                 "-days", "1", "-extfile", f"{name}.ext", "-out", f"{name}.pem", cwd=d)
+    overlay = {"DicomTlsEnabled": True, "DicomTlsCertificate": str(d / "server.pem"),
+               "DicomTlsPrivateKey": str(d / "server.key"), "DicomTlsTrustedCertificates": str(d / "ca.pem"),
+               "DicomTlsRemoteCertificateRequired": True,
+               "DicomModalities": {"dipnode": {"AET": "DIPNODE", "Host": "127.0.0.1", "Port": 104,
+                                               "UseDicomTls": True}}}
+    with OrthancPeer(tmp_path / "orthanc", overlay=overlay) as orthanc:
+        study_uid, series_uid, files = _series(tmp_path, "P1", "tls", 3, "t1_mprage_tls")
+        with_tls = Settings(node={"allowed_calling_aets": ["*"]}, sender={
+            "tls": True, "tls_ca": str(d / "ca.pem"), "tls_cert": str(d / "client.pem"),
+            "tls_key": str(d / "client.key")})
+        ctx = wire.sender_tls(with_tls)
+        # The PACS takes the series over TLS from DCMTK (+tls: certificate, key; +cf: the CA).
+        r = run_storescu(files, orthanc.dicom_port, called="ORTHANC",
+                         extra=["+tls", str(d / "client.key"), str(d / "client.pem"), "+cf", str(d / "ca.pem")])
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        peer = Destination("ORTHANC", "127.0.0.1", orthanc.dicom_port)
+        plain = find_prior_series(peer, patient_id="P1", dates=_window(), timeout_s=5)
+        assert not plain.ok  # a TLS-only PACS does not talk plain TCP
+        found = find_prior_series(peer, patient_id="P1", issuer="HOSP", dates=_window(), tls=ctx, timeout_s=10)
+        assert found.ok, found.error
+        assert [str(s.SeriesInstanceUID) for s in found.series] == [series_uid]
+        got: list[ReceivedInstance] = []
+        report = get_series(peer, study_uid, series_uid, lambda i: (got.append(i), Status.SUCCESS)[1],
+                            tls=ctx, timeout_s=20)
+        assert report.ok and len(got) == len(files), report.summary()

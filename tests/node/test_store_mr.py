@@ -108,3 +108,19 @@ def test_a_version_1_database_migrates_and_keeps_its_rows(tmp_path):
         j = store.jobs()[0]
         assert (j.mr_choice, j.no_mr) == (None, False)
         assert store.fetch(j.id) is None and store.passed_over(j.id) == {}
+
+
+def test_dipnode_jobs_shows_the_choice_and_a_retrieval_under_way(store):
+    from dipnode.node.admin import jobs_table
+
+    job = store.create_job("1.2.3.1", method="sdip", params={}, now=0.0, state=JobState.WAITING_FOR_MR)
+    store.request_fetch(job.id, 1.0)
+    store.update_fetch(job.id, 2.0, state=FetchState.QUERY, attempts=1, next_attempt_at=30.0,
+                       note="association with PACS@h:104 aborted (peer down, refused or not DICOM) (attempt 1 of 4)")
+    table = jobs_table(store)
+    assert "retrieval from the PACS (query): association with PACS@h:104 aborted" in table
+    store.set_mr_choice(job.id, "chose MR 1.2.5 't1_mprage_sag' (other study 3 days earlier, 3D, 1 mm)",
+                        no_mr=False, now=3.0)
+    store.transition(job.id, JobState.QUEUED, 3.0, mr_series_uid="1.2.3.1")
+    table = jobs_table(store)
+    assert "MR: chose MR 1.2.5 't1_mprage_sag'" in table and "retrieval from the PACS" not in table
