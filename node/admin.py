@@ -27,6 +27,11 @@ def jobs_table(store: Store, *, include_done: bool = False) -> str:
         dead = [d for d in store.deliveries(j.id) if d.state.value == "dead"]
         if j.reason:
             lines.append(f"{'':>7}reason: {j.reason}")
+        if j.mr_choice:  # why this MR (or none), which were passed over and why
+            lines.append(f"{'':>7}MR: {j.mr_choice}")
+        fetch = store.fetch(j.id)
+        if fetch is not None and (j.state is JobState.WAITING_FOR_MR or not j.mr_choice):
+            lines.append(f"{'':>7}retrieval from the PACS ({fetch.state.value}): {fetch.note or 'query due'}")
         for d in dead:
             lines.append(f"{'':>7}dead letter: {d.destination} after {d.attempts} attempts: "
                          f"{d.last_error} (dipnode resend {j.id})")

@@ -134,6 +134,9 @@ def instance_record(ds: Any, path: Path, transfer_syntax: str) -> InstanceRecord
             number_of_rr_intervals=_int(ds, "NumberOfRRIntervals"),
             number_of_time_slots=_int(ds, "NumberOfTimeSlots"),
         ),
+        image_type="\\".join(str(v).strip() for v in _values(getattr(ds, "ImageType", None))),
+        orientation=_floats(ds, "ImageOrientationPatient", 6),
+        position=_floats(ds, "ImagePositionPatient", 3),  # type: ignore[arg-type]
     )
 
 
@@ -146,6 +149,24 @@ def check_indexable(record: InstanceRecord) -> None:
                                ("modality", "Modality", "(0008,0060)")):
         if not getattr(record, attr):
             raise ValueError(f"{keyword} {tag}: expected a value, got none")
+
+
+def _values(value: Any) -> list[Any]:
+    if value is None or value == "":
+        return []
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return list(value)
+    return [value]
+
+
+def _floats(ds: Any, keyword: str, n: int) -> tuple[float, ...] | None:
+    """A multi-valued DS as floats, or None when absent or malformed (matching's header facts
+    then stay unknown; the loader reports the real problem if the series is ever used)."""
+    try:
+        values = tuple(float(v) for v in _values(getattr(ds, keyword, None)))
+    except (TypeError, ValueError):
+        return None
+    return values if len(values) == n else None
 
 
 @dataclass(frozen=True)

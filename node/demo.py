@@ -75,7 +75,8 @@ def run_demo(out: Path, *, preset_name: str | None = None, voxel_mm: float | Non
               "allowed_calling_aets": [SCANNER_AET]},
         storage={"spool_dir": work / "node-spool", "database": work / "node.sqlite", "min_free_mb": 0},
         series={"stable_age_s": 2.0, "check_interval_s": 0.5},
-        matching={"mr_wait_s": 120.0, "fallback": "fail"},
+        # One MR series, pushed with the PET: no better series of the exam can follow.
+        matching={"mr_wait_s": 120.0, "fallback": "fail", "mr_grace_s": 0.0},
         method={"name": "sdip", "preset": preset_name, "device": device},
         destinations=[{"ae_title": PACS_AET, "host": "127.0.0.1", "port": pacs.port}],
     )

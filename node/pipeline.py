@@ -43,6 +43,11 @@ class PipelineError(ValueError):
     """A study cannot be processed; the message says why in words a technologist can act on."""
 
 
+class MrUnusableError(PipelineError):
+    """The MR series could not be loaded or put on the PET grid: the node passes it over and
+    chooses another MR (or falls back) rather than failing the job while another may serve."""
+
+
 @dataclass(frozen=True)
 class OutputOptions:
     """What to write and how to label it (from settings or the command line)."""
@@ -211,9 +216,14 @@ def run(pet_paths: Sequence[Path], mr_paths: Sequence[Path] | None, out_dir: Pat
     if method.needs_mr and not mr_paths:
         raise PipelineError(f"method {method.value} needs an MR series; none was given")
     pet = load_single_series(pet_paths, "PT")
-    mr = load_single_series(mr_paths, "MR") if (mr_paths and method.needs_mr) else None
-    pair = PetMrPair(pet, mr)
-    aligned = align(pair)
+    try:
+        mr = load_single_series(mr_paths, "MR") if (mr_paths and method.needs_mr) else None
+        pair = PetMrPair(pet, mr)
+        aligned = align(pair)
+    except ValueError as exc:  # DicomInputError, AlignmentError, PipelineError: all ValueErrors
+        if mr_paths and method.needs_mr:
+            raise MrUnusableError(f"MR unusable: {type(exc).__name__}: {exc}") from exc
+        raise
     result = denoise(pet.values, aligned.mr_on_pet, pet.geometry.spacing, params, method=method,
                      progress=progress, snapshot_epochs=snapshot_epochs)
     pet_files, map_files = encode_and_write(aligned, result, pair, options, out_dir)

@@ -29,10 +29,13 @@ from dipnode.node import pipeline, wire
 from dipnode.node.completion import check_indexable, complete_due, instance_record
 from dipnode.node.executor import ExecutorBusy, LocalExecutor
 from dipnode.node.lock import WriterLock
-from dipnode.node.matching import DecisionKind, decide
+from dipnode.node.matching import DecisionKind, MatchRules, decide, ineligible_reason
+from dipnode.node.retrieval import Retriever
 from dipnode.node.settings import Settings
 from dipnode.node.spool import Spool
-from dipnode.node.store import InstanceRecord, JobRow, JobState, KnownInstance, Store, StoreError
+from dipnode.node.store import (
+    InstanceRecord, JobRow, JobState, KnownInstance, SeriesRow, SeriesState, Store, StoreError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +74,9 @@ class Node:
         self._receiver = None
         self._scheduler: threading.Thread | None = None
         self._listening_since: float | None = None  # set by start()
+        # Prior MR from the PACS ([[sources]]); its thread starts once the receiver listens
+        # (a C-MOVE's sub-operations come to the receiver).
+        self.retriever = Retriever(settings, self.store, self.on_store) if settings.sources else None
 
     # -- receiving: spool before success, then index ---------------------------------------
     def on_store(self, instance: ReceivedInstance) -> Status:
@@ -162,6 +168,8 @@ class Node:
         self._listening_since = time.time()
         self._scheduler = threading.Thread(target=self._loop, name="dipnode-scheduler", daemon=True)
         self._scheduler.start()
+        if self.retriever is not None:
+            self.retriever.start()
         log.info("dipnode %s listening as %s on %s:%d", pipeline.software_version(),
                  self.settings.node.ae_title, self.settings.node.host, self.port)
 
@@ -223,6 +231,8 @@ class Node:
         """Stop receiving and scheduling; a running fit stops at its next epoch and stays
         RUNNING in the store, so the next start re-queues it."""
         self._stop.set()
+        if self.retriever is not None:
+            self.retriever.stop()
         if self._receiver is not None:
             self._receiver.stop()
         if self._scheduler is not None:
@@ -249,6 +259,8 @@ class Node:
                      s.instance_count, ", re-opened by late instances" if done.rerun else "")
             if s.modality == "PT":
                 self._new_job(s.series_uid, now, rerun=done.rerun)
+            elif s.modality == "MR":
+                self._retrigger(s, now)
         for job in self.store.jobs([JobState.WAITING_FOR_MR]):
             self._match(job, now)
         while self.executor.free_slots() > 0 and not self._stop.is_set():
@@ -291,10 +303,23 @@ class Node:
             self.store.transition(job.id, JobState.FAILED, now, reason="PET series vanished from the index")
             return
         candidates = self.store.related_series(pet.study_uid, pet.patient_id, pet.issuer)
+        fetch = self.store.fetch(job.id) if self.retriever is not None else None
         decision = decide(pet, candidates, now, self.settings, method=Method(job.method),
-                          listening_since=self._listening_since)
+                          listening_since=self._listening_since,
+                          passed_over=self.store.passed_over(job.id), fetch=fetch)
         if decision.kind is DecisionKind.WAIT:
             return
+        if decision.kind is DecisionKind.FETCH:
+            if fetch is None:
+                self.store.request_fetch(job.id, now)
+            else:
+                self.store.fetch_again(job.id, now, decision.reason)
+            log.info("job %d: %s", job.id, decision.reason)
+            if self.retriever is not None:
+                self.retriever.wake()
+            return
+        no_mr = decision.kind in (DecisionKind.FALLBACK, DecisionKind.FAIL)
+        self.store.set_mr_choice(job.id, decision.choice, no_mr=no_mr, now=now)
         if decision.kind is DecisionKind.FAIL:
             self.store.transition(job.id, JobState.FAILED, now, reason=decision.reason)
             log.warning("job %d failed: %s", job.id, decision.reason)
@@ -305,6 +330,34 @@ class Node:
                               reason=decision.reason or None)
         log.info("job %d queued: %s%s", job.id, method.value,
                  f" with MR {decision.mr.series_uid}" if decision.mr else "")
+
+    def _retrigger(self, mr: SeriesRow, now: float) -> None:
+        """A complete MR re-triggers the PETs of its patient whose latest job fell back or failed
+        for lack of a usable MR (a new job, new output series); jobs that had a proper MR, and
+        jobs still waiting (they will see this MR anyway), are left alone."""
+        if not self.settings.method.name.needs_mr:
+            return
+        rules = MatchRules.from_settings(self.settings)
+        for pet in self.store.related_series(mr.study_uid, mr.patient_id, mr.issuer):
+            if pet.modality != "PT" or pet.state is not SeriesState.COMPLETE:
+                continue
+            jobs = self.store.jobs(pet_series_uid=pet.series_uid)
+            if not jobs or not jobs[-1].no_mr or jobs[-1].state is JobState.WAITING_FOR_MR:
+                continue
+            why = ineligible_reason(pet, mr, rules)
+            if why is not None:
+                log.debug("MR %s does not re-trigger PET %s: %s", mr.series_uid, pet.series_uid, why)
+                continue
+            old = jobs[-1]
+            job = self.store.create_job(pet.series_uid, method=self.settings.method.name.value,
+                                        params=self.settings.dip_params().as_dict(), now=now,
+                                        state=JobState.WAITING_FOR_MR, rerun=True)
+            log.info("MR %s arrived late: job %d re-runs PET %s (job %d had no MR: %s)", mr.series_uid,
+                     job.id, pet.series_uid, old.id, old.state.value)
+            if old.state is JobState.QUEUED:
+                # Not started: its Gaussian result would only come second to the real one.
+                self.store.transition(old.id, JobState.FAILED, now, expect=JobState.QUEUED,
+                                      reason=f"superseded by job {job.id}: an MR arrived ({mr.series_uid})")
 
     # -- a job on a worker -----------------------------------------------------------------
     def _run_job(self, job: JobRow) -> None:
@@ -338,6 +391,13 @@ class Node:
                                   snapshot_epochs=self._snapshot_epochs)
         except Stopping:
             log.info("job %d interrupted by the stop; it resumes at the next start", job.id)
+            return
+        except pipeline.MrUnusableError as exc:
+            if self._stop.is_set():
+                return
+            # Never a failed job while another MR may serve: pass this one over, choose again.
+            self.store.pass_over_mr(job.id, job.mr_series_uid or "", str(exc), time.time())
+            log.warning("job %d: MR %s passed over (%s); choosing again", job.id, job.mr_series_uid, exc)
             return
         except Exception as exc:  # any failure ends this job with its reason, never the node
             if self._stop.is_set():

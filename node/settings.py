@@ -31,7 +31,7 @@ from dipnode.models.params import PRESETS, DipParams, Method, preset
 
 __all__ = [
     "Destination", "MatchingSettings", "MethodSettings", "NodeSettings", "OutputSettings",
-    "SenderSettings", "SeriesSettings", "Settings", "SettingsError", "StorageSettings",
+    "RetrieveSettings", "SenderSettings", "SeriesSettings", "Source", "Settings", "SettingsError", "StorageSettings",
     "WorkersSettings", "example_settings_toml", "load_settings", "validate_ae_title",
 ]
 
@@ -163,25 +163,109 @@ class SeriesSettings(_Section):
 
 
 DEFAULT_MR_PATTERNS = [r"T1", r"MP-?RAGE", r"SPGR", r"BRAVO", r"3D"]
+# Series that are never the prior, by Series Description (case-insensitive, searched):
+# localizers and scouts, diffusion and its maps, reformats and projections. "(?<![a-z])"
+# and "(?![a-z])" keep short words whole where "_" joins them (ep2d_diff_b0_1000_tra_ADC),
+# so "mpr" does not hit "mprage".
+DEFAULT_MR_EXCLUDE_PATTERNS = [
+    r"locali[sz]er", r"scout", r"survey", r"(?<![a-z])loc(?![a-z])", r"3[ _-]?plane",
+    r"tri[ _-]?pilot", r"aahead", r"(?<![a-z])dwi(?![a-z])", r"diff", r"(?<![a-z])adc(?![a-z])",
+    r"trace", r"(?<![a-z])dti(?![a-z])", r"tensor", r"(?<![a-z])mpr(?![a-z])", r"reformat",
+    r"(?<![a-z])mip(?![a-z])", r"(?<![a-z])sub(?![a-z])",
+]
+# Image Type (0008,0008, PS3.3 C.7.6.1.1.2) values that exclude a series: value 1 DERIVED and
+# value 2 SECONDARY (not acquired as such); vendor value 3+ terms for localizers, diffusion and
+# its maps, reformats, projections, phase images and mosaics (several slices in one image).
+DEFAULT_MR_EXCLUDE_IMAGE_TYPES = [
+    "DERIVED", "SECONDARY", "LOCALIZER", "SCOUT", "DIFFUSION", "ADC", "TRACEW", "FA", "MPR",
+    "MIP", "PROJECTION IMAGE", "REFORMATTED", "PHASE", "P", "MOSAIC",
+]
+
+
+def _regexes(v: list[str]) -> list[str]:
+    for p in v:
+        try:
+            re.compile(p)
+        except re.error as e:
+            raise ValueError(f"expected regular expressions, got {p!r} ({e})") from None
+    return v
 
 
 class MatchingSettings(_Section):
     mr_wait_s: float = Field(600.0, ge=0)
     date_window_days: int = Field(30, ge=0)
-    # Case-insensitive regular expressions searched in Series Description (0008,103E).
+    # Case-insensitive regular expressions searched in Series Description (0008,103E): rank only.
     mr_description_patterns: list[str] = DEFAULT_MR_PATTERNS
     require_3d: bool = False  # only MR Acquisition Type (0018,0023) "3D" is eligible
     fallback: Literal["gaussian", "fail"] = "gaussian"
+    # After the first MR series of an exam arrives, wait this long for a better-ranked series
+    # of the same exam before taking the best complete one (a PACS sends an exam series by series).
+    mr_grace_s: float = Field(60.0, ge=0)
+    # Never the prior: Series Description patterns (case-insensitive regexes) and Image Type values.
+    mr_exclude_patterns: list[str] = DEFAULT_MR_EXCLUDE_PATTERNS
+    mr_exclude_image_types: list[str] = DEFAULT_MR_EXCLUDE_IMAGE_TYPES
 
-    @field_validator("mr_description_patterns")
+    @field_validator("mr_description_patterns", "mr_exclude_patterns")
     @classmethod
     def _patterns(cls, v: list[str]) -> list[str]:
-        for p in v:
-            try:
-                re.compile(p)
-            except re.error as e:
-                raise ValueError(f"expected regular expressions, got {p!r} ({e})") from None
-        return v
+        return _regexes(v)
+
+    @field_validator("mr_exclude_image_types")
+    @classmethod
+    def _image_types(cls, v: list[str]) -> list[str]:
+        # CS values (PS3.5 6.2): upper case, at most 16 characters, no backslash.
+        out = [t.strip().upper() for t in v]
+        bad = [t for t in out if not t or len(t) > 16 or "\\" in t]
+        if bad:
+            raise ValueError(f"expected Image Type values (1-16 characters, no backslash), got {bad!r}")
+        return out
+
+
+class Source(_Section):
+    """A PACS the node may query (C-FIND) and retrieve prior MR series from (C-MOVE or C-GET)."""
+
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+    tls: bool | None = None  # None: [sender] tls decides; certificates are [sender]'s
+    # "move": C-MOVE, the PACS sends the series to move_destination (it must know that AE
+    # title's host and port); "get": C-GET, the series comes back on our own association.
+    retrieve: Literal["move", "get"] = "move"
+    move_destination: str | None = None  # None: [node] ae_title
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, v: str) -> str:
+        return validate_ae_title(v)
+
+    @field_validator("move_destination")
+    @classmethod
+    def _dest(cls, v: str | None) -> str | None:
+        return None if v is None else validate_ae_title(v, "move_destination")
+
+    @property
+    def label(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+class RetrieveSettings(_Section):
+    """When and how hard to fetch a prior MR from [[sources]]."""
+
+    # A complete PET with no eligible MR at hand (none received, none arriving) waits this long
+    # before the sources are queried: a routed MR may still be on its way.
+    query_delay_s: float = Field(60.0, ge=0)
+    # A failed query or retrieval (source down, C-MOVE refused or partial) is retried this many
+    # times with exponential backoff; then the job falls back (or fails) with the reason.
+    retries: int = Field(3, ge=0)
+    backoff_s: float = Field(30.0, ge=0)
+    backoff_max_s: float = Field(600.0, ge=0)
+    timeout_s: float = Field(60.0, gt=0)  # network, association and DIMSE timeouts
+
+    @model_validator(mode="after")
+    def _order(self) -> "RetrieveSettings":
+        if self.backoff_max_s < self.backoff_s:
+            raise ValueError(f"backoff_max_s: expected >= backoff_s ({self.backoff_s}), got {self.backoff_max_s}")
+        return self
 
 
 class MethodSettings(_Section):
@@ -336,6 +420,8 @@ class Settings(BaseSettings):
     output: OutputSettings = OutputSettings()
     destinations: list[Destination] = []
     sender: SenderSettings = SenderSettings()
+    sources: list[Source] = []
+    retrieve: RetrieveSettings = RetrieveSettings()
     workers: WorkersSettings = WorkersSettings()
 
     @classmethod
@@ -359,6 +445,10 @@ class Settings(BaseSettings):
         dupes = sorted({x for x in labels if labels.count(x) > 1})
         if dupes:
             raise ValueError(f"destinations: expected distinct AET@HOST:PORT entries, got duplicates {dupes!r}")
+        sources = [x.label for x in self.sources]
+        dupes = sorted({x for x in sources if sources.count(x) > 1})
+        if dupes:
+            raise ValueError(f"sources: expected distinct AET@HOST:PORT entries, got duplicates {dupes!r}")
         return self
 
     @property

@@ -39,7 +39,8 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "DeliveryRow", "DeliveryState", "InstanceRecord", "JobRow", "JobState", "KnownInstance", "ResumeReport",
+    "DeliveryRow", "DeliveryState", "FetchRow", "FetchState", "InstanceRecord", "JobRow", "JobState",
+    "KnownInstance", "ResumeReport",
     "SeriesRow", "SeriesState", "Store", "StoreError", "TransitionError", "JOB_TRANSITIONS",
 ]
 
@@ -75,7 +76,9 @@ class JobState(str, Enum):
 JOB_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     JobState.WAITING_FOR_MR: frozenset({JobState.QUEUED, JobState.FAILED}),
     JobState.QUEUED: frozenset({JobState.RUNNING, JobState.FAILED}),
-    JobState.RUNNING: frozenset({JobState.SENDING, JobState.QUEUED, JobState.FAILED}),
+    # RUNNING -> WAITING_FOR_MR: the MR failed to load or register and is passed over
+    # (pass_over_mr), so that the job chooses again rather than failing while another MR exists.
+    JobState.RUNNING: frozenset({JobState.SENDING, JobState.QUEUED, JobState.FAILED, JobState.WAITING_FOR_MR}),
     JobState.SENDING: frozenset({JobState.DONE, JobState.FAILED}),
     JobState.DONE: frozenset(),
     JobState.FAILED: frozenset(),
@@ -110,6 +113,10 @@ class InstanceRecord:
     # From completion.expected_count(): PET Number of Slices (x time slices / gates),
     # else Images in Acquisition; None where the header does not say.
     expected_count: int | None = None
+    # Header facts for MR choice (matching.py), recorded per series as instances arrive:
+    image_type: str = ""  # Image Type (0008,0008) values joined by "\\"
+    orientation: tuple[float, ...] | None = None  # Image Orientation (Patient), 6 cosines
+    position: tuple[float, float, float] | None = None  # Image Position (Patient), mm
 
 
 @dataclass(frozen=True)
@@ -132,6 +139,11 @@ class SeriesRow:
     completed_at: float | None
     state: SeriesState
     late_instances: int
+    # Header facts (migration 3): the first instance's Image Type; whether instances carry
+    # more than one Image Orientation (a localizer) or repeat a position (b-values, echoes).
+    image_type: str = ""
+    orientations_mixed: bool = False
+    positions_repeated: bool = False
     # The first instance that disagreed with the series (see module docstring), or None.
     conflict: str | None = None
 
@@ -162,6 +174,10 @@ class JobRow:
     rerun_of: int | None
     output_dir: str | None
     uid_seed: str
+    # Migration 2: why this MR was chosen and which were passed over (matching.py explains);
+    # no_mr: the job fell back or failed for lack of a usable MR (a late MR re-triggers it).
+    mr_choice: str | None = None
+    no_mr: bool = False
 
     @property
     def params(self) -> dict[str, Any]:
@@ -176,6 +192,33 @@ class DeliveryRow:
     attempts: int
     next_attempt_at: float
     last_error: str | None
+
+
+class FetchState(str, Enum):
+    """A retrieval of a job's MR from the sources (node/retrieval.py)."""
+
+    QUERY = "query"  # due: query the sources (or retry retrieving ``series_uid``)
+    RETRIEVED = "retrieved"  # ``series_uid`` is in the index; matching takes it from there
+    EXHAUSTED = "exhausted"  # no (further) eligible MR at any source
+    FAILED = "failed"  # the sources failed beyond the retry policy
+
+    @property
+    def terminal(self) -> bool:
+        return self in (FetchState.EXHAUSTED, FetchState.FAILED)
+
+
+@dataclass(frozen=True)
+class FetchRow:
+    job_id: int
+    state: FetchState
+    attempts: int
+    next_attempt_at: float
+    source: str | None  # "AET@HOST:PORT" of the source holding series_uid
+    study_uid: str | None
+    series_uid: str | None  # the series being (or last) retrieved
+    note: str | None  # what happened last, in words (the job's reason quotes it)
+    created_at: float
+    updated_at: float
 
 
 @dataclass(frozen=True)
@@ -256,9 +299,42 @@ _MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX deliveries_due ON deliveries (state, next_attempt_at);
     """,
-    # (issue 16) series integrity: the first instance that disagreed with the series.
+    # 2: series integrity: the first instance that disagreed with the series.
     """
     ALTER TABLE series ADD COLUMN conflict TEXT;
+    """,
+    # 3: MR choice and retrieval (issue 9). Header facts per series, kept up to date as
+    # instances arrive (record_instance -> _record_mr_facts); the choice explained on the job;
+    # MR series a job passed over (failed to load or register); retrievals from the PACS.
+    """
+    ALTER TABLE series ADD COLUMN image_type TEXT NOT NULL DEFAULT '';
+    ALTER TABLE series ADD COLUMN orientation TEXT NOT NULL DEFAULT '';
+    ALTER TABLE series ADD COLUMN orientations_mixed INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE series ADD COLUMN positions_repeated INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE instances ADD COLUMN position TEXT;
+    CREATE INDEX instances_position ON instances (series_uid, position);
+    ALTER TABLE jobs ADD COLUMN mr_choice TEXT;
+    ALTER TABLE jobs ADD COLUMN no_mr INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE mr_passed_over (
+        job_id INTEGER NOT NULL REFERENCES jobs (id),
+        series_uid TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        at REAL NOT NULL,
+        PRIMARY KEY (job_id, series_uid)
+    );
+    CREATE TABLE fetches (
+        job_id INTEGER PRIMARY KEY REFERENCES jobs (id),
+        state TEXT NOT NULL CHECK (state IN ('query', 'retrieved', 'exhausted', 'failed')),
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at REAL NOT NULL,
+        source TEXT,
+        study_uid TEXT,
+        series_uid TEXT,
+        note TEXT,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE INDEX fetches_due ON fetches (state, next_attempt_at);
     """,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
@@ -396,6 +472,7 @@ class Store:
                 (inst.sop_instance_uid, inst.sop_class_uid, str(inst.path), inst.study_uid, inst.series_uid,
                  inst.patient_id, inst.issuer_of_patient_id, inst.modality, now, inst.transfer_syntax),
             )
+            _record_mr_facts(db, inst)
         log.debug("indexed instance %s of series %s", inst.sop_instance_uid, inst.series_uid)
         return True
 
@@ -716,6 +793,136 @@ class Store:
                 )
         return n
 
+    # -- MR choice and retrieval (migration 3) ----------------------------------------------
+
+    def set_mr_choice(self, job_id: int, text: str, *, no_mr: bool, now: float) -> None:
+        """Record why the job has this MR (or none) and which were passed over; ``no_mr``:
+        it fell back or failed for lack of a usable MR (a late MR re-triggers such jobs)."""
+        with self._tx() as db:
+            n = db.execute("UPDATE jobs SET mr_choice = ?, no_mr = ?, updated_at = ? WHERE id = ?",
+                           (text[:4000], int(no_mr), now, job_id)).rowcount
+        if n != 1:
+            raise StoreError(f"set_mr_choice: expected an existing job id, got {job_id!r}")
+
+    def pass_over_mr(self, job_id: int, series_uid: str, reason: str, now: float) -> JobRow:
+        """A RUNNING job's MR failed to load or register: remember it as passed over (with
+        why) and put the job back to WAITING_FOR_MR without an MR, in one transaction."""
+        if not reason:
+            raise StoreError("pass_over_mr: expected a reason, got none")
+        with self._tx() as db:
+            row = db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise StoreError(f"pass_over_mr: expected an existing job id, got {job_id!r}")
+            if row["state"] != JobState.RUNNING.value:
+                raise TransitionError(f"job {job_id}: expected state 'running' to pass over its MR, "
+                                      f"got {row['state']!r}")
+            db.execute("INSERT OR REPLACE INTO mr_passed_over (job_id, series_uid, reason, at) VALUES (?,?,?,?)",
+                       (job_id, series_uid, reason[:2000], now))
+            db.execute("UPDATE jobs SET state = 'waiting_for_mr', mr_series_uid = NULL, progress = 0,"
+                       " updated_at = ? WHERE id = ?", (now, job_id))
+            out = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        log.debug("job %d: MR %s passed over", job_id, series_uid)
+        return _job(out)
+
+    def passed_over(self, job_id: int) -> dict[str, str]:
+        """MR series this job passed over, with why: {series UID: reason}."""
+        rows = self._query("SELECT series_uid, reason FROM mr_passed_over WHERE job_id = ? ORDER BY at",
+                           (job_id,))
+        return {r[0]: r[1] for r in rows}
+
+    def request_fetch(self, job_id: int, now: float) -> FetchRow:
+        """Ask the retriever to query the sources for this job's MR (idempotent: an existing
+        retrieval is returned unchanged)."""
+        with self._tx() as db:
+            try:
+                db.execute("INSERT OR IGNORE INTO fetches (job_id, state, next_attempt_at, created_at, updated_at)"
+                           " VALUES (?, 'query', ?, ?, ?)", (job_id, now, now, now))
+            except sqlite3.IntegrityError:
+                raise StoreError(f"request_fetch: expected an existing job id, got {job_id!r}") from None
+            row = db.execute("SELECT * FROM fetches WHERE job_id = ?", (job_id,)).fetchone()
+        return _fetch(row)
+
+    def fetch(self, job_id: int) -> FetchRow | None:
+        rows = self._query("SELECT * FROM fetches WHERE job_id = ?", (job_id,))
+        return _fetch(rows[0]) if rows else None
+
+    def due_fetches(self, now: float) -> list[FetchRow]:
+        """Retrievals to work on now: state 'query', due, for jobs still waiting for an MR."""
+        rows = self._query(
+            "SELECT f.* FROM fetches f JOIN jobs j ON j.id = f.job_id WHERE f.state = 'query'"
+            " AND f.next_attempt_at <= ? AND j.state = 'waiting_for_mr' ORDER BY f.next_attempt_at, f.job_id",
+            (now,))
+        return [_fetch(r) for r in rows]
+
+    def update_fetch(self, job_id: int, now: float, *, state: FetchState, note: str,
+                     attempts: int | None = None, next_attempt_at: float | None = None,
+                     source: str | None = None, study_uid: str | None = None,
+                     series_uid: str | None = None, clear_series: bool = False) -> FetchRow:
+        """Record one step of a retrieval (the retriever's and matching's only write)."""
+        state = FetchState(state)
+        with self._tx() as db:
+            n = db.execute(
+                "UPDATE fetches SET state = ?, note = ?, attempts = coalesce(?, attempts),"
+                " next_attempt_at = coalesce(?, next_attempt_at), updated_at = ?,"
+                " source = CASE WHEN ? THEN NULL ELSE coalesce(?, source) END,"
+                " study_uid = CASE WHEN ? THEN NULL ELSE coalesce(?, study_uid) END,"
+                " series_uid = CASE WHEN ? THEN NULL ELSE coalesce(?, series_uid) END WHERE job_id = ?",
+                (state.value, note[:4000], attempts, next_attempt_at, now, clear_series, source,
+                 clear_series, study_uid, clear_series, series_uid, job_id)).rowcount
+            if n != 1:
+                raise StoreError(f"update_fetch: expected a retrieval for job {job_id!r}, found none")
+            row = db.execute("SELECT * FROM fetches WHERE job_id = ?", (job_id,)).fetchone()
+        return _fetch(row)
+
+    def fetch_again(self, job_id: int, now: float, note: str) -> FetchRow:
+        """The retrieved series is not usable (ineligible once its headers were seen, or passed
+        over): query again now; series already in the index are not retrieved twice."""
+        return self.update_fetch(job_id, now, state=FetchState.QUERY, note=note, attempts=0,
+                                 next_attempt_at=now, clear_series=True)
+
+
+# -- header facts for MR choice (migration 3) ---------------------------------------------------
+
+# The loader's tolerance for "one orientation" (dicom_io/series.py): a series that it would refuse
+# for its orientations is flagged here already, before anyone tries to load it.
+_ORIENTATION_TOL = 1e-4
+
+
+def _position_key(position: tuple[float, float, float]) -> str:
+    # 0.01 mm, the loader's duplicate-position tolerance; "+ 0.0" folds -0.00 into 0.00.
+    return "\\".join(f"{round(float(v), 2) + 0.0:.2f}" for v in position)
+
+
+def _record_mr_facts(db: sqlite3.Connection, inst: InstanceRecord) -> None:
+    """Keep the series' header facts current with one more (new) instance: cheap, indexed.
+
+    Orientations are compared with the series' first; a position already held by another
+    instance of the series marks it as repeating positions (DWI b-values, multi-echo, phases).
+    """
+    row = db.execute("SELECT image_type, orientation FROM series WHERE series_uid = ?",
+                     (inst.series_uid,)).fetchone()
+    updates: dict[str, Any] = {}
+    if inst.image_type and not row["image_type"]:
+        updates["image_type"] = inst.image_type
+    if inst.orientation is not None:
+        if not row["orientation"]:
+            updates["orientation"] = json.dumps([float(v) for v in inst.orientation])
+        else:
+            first = json.loads(row["orientation"])
+            if len(first) != len(inst.orientation) or max(
+                    abs(a - float(b)) for a, b in zip(first, inst.orientation)) > _ORIENTATION_TOL:
+                updates["orientations_mixed"] = 1
+    if inst.position is not None:
+        key = _position_key(inst.position)
+        db.execute("UPDATE instances SET position = ? WHERE sop_instance_uid = ?", (key, inst.sop_instance_uid))
+        if db.execute("SELECT 1 FROM instances WHERE series_uid = ? AND position = ? AND sop_instance_uid != ?"
+                      " LIMIT 1", (inst.series_uid, key, inst.sop_instance_uid)).fetchone():
+            updates["positions_repeated"] = 1
+    if updates:
+        # Column names come from the literal keys above, never from input.
+        db.execute(f"UPDATE series SET {', '.join(f'{k} = ?' for k in updates)} WHERE series_uid = ?",
+                   (*updates.values(), inst.series_uid))
+
 
 # What every instance of a series must share with its first one (module docstring).
 _IDENTITY = (("patient_id", "patient_id", "Patient ID"), ("issuer", "issuer_of_patient_id", "Issuer of Patient ID"),
@@ -731,13 +938,22 @@ def _identity_conflict(series: sqlite3.Row, inst: InstanceRecord) -> list[str]:
 def _series(r: sqlite3.Row) -> SeriesRow:
     v = {f.name: r[f.name] for f in fields(SeriesRow)}
     v["state"] = SeriesState(v["state"])
+    v["orientations_mixed"] = bool(v["orientations_mixed"])
+    v["positions_repeated"] = bool(v["positions_repeated"])
     return SeriesRow(**v)
 
 
 def _job(r: sqlite3.Row) -> JobRow:
     v = {f.name: r[f.name] for f in fields(JobRow)}
     v["state"] = JobState(v["state"])
+    v["no_mr"] = bool(v["no_mr"])
     return JobRow(**v)
+
+
+def _fetch(r: sqlite3.Row) -> FetchRow:
+    v = {f.name: r[f.name] for f in fields(FetchRow)}
+    v["state"] = FetchState(v["state"])
+    return FetchRow(**v)
 
 
 def _delivery(r: sqlite3.Row) -> DeliveryRow:

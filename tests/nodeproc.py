@@ -26,22 +26,24 @@ def toml_value(v: Any) -> str:
 
 
 def write_settings(path: Path, sections: dict[str, dict[str, Any]],
-                   destinations: list[dict[str, Any]] = ()) -> Path:
+                   destinations: list[dict[str, Any]] = (), sources: list[dict[str, Any]] = ()) -> Path:
     lines: list[str] = []
     for name, values in sections.items():
         lines.append(f"[{name}]")
         lines += [f"{k} = {toml_value(v)}" for k, v in values.items()]
         lines.append("")
-    for d in destinations:
-        lines.append("[[destinations]]")
-        lines += [f"{k} = {toml_value(v)}" for k, v in d.items()]
-        lines.append("")
+    for table, rows in (("destinations", destinations), ("sources", sources)):
+        for d in rows:
+            lines.append(f"[[{table}]]")
+            lines += [f"{k} = {toml_value(v)}" for k, v in d.items()]
+            lines.append("")
     path.write_text("\n".join(lines))
     return path
 
 
 def node_settings(workdir: Path, *, port: int, destinations: list[dict[str, Any]],
-                  method: dict[str, Any] | None = None, **sections: dict[str, Any]) -> Path:
+                  method: dict[str, Any] | None = None, sources: list[dict[str, Any]] = (),
+                  **sections: dict[str, Any]) -> Path:
     """A settings file for a test node: loopback, quick completion, tiny preset."""
     base: dict[str, dict[str, Any]] = {
         "node": {"ae_title": "DIPNODE", "host": LOOPBACK, "port": port,
@@ -49,13 +51,14 @@ def node_settings(workdir: Path, *, port: int, destinations: list[dict[str, Any]
         "storage": {"spool_dir": str(workdir / "spool"), "database": str(workdir / "dipnode.sqlite"),
                     "min_free_mb": 0},
         "series": {"stable_age_s": 3.0, "check_interval_s": 0.2},
-        "matching": {"mr_wait_s": 60.0, "fallback": "fail"},
+        # mr_grace_s 0: these studies have one MR series; exam tests set their own grace.
+        "matching": {"mr_wait_s": 60.0, "fallback": "fail", "mr_grace_s": 0.0},
         "method": {"name": "sdip", "preset": "tiny", "device": "cpu", **(method or {})},
         "sender": {"retries": 20, "backoff_s": 0.5, "backoff_max_s": 2.0, "timeout_s": 10.0},
     }
     for name, values in sections.items():
         base.setdefault(name, {}).update(values)
-    return write_settings(workdir / "dipnode.toml", base, destinations)
+    return write_settings(workdir / "dipnode.toml", base, destinations, sources)
 
 
 class NodeProcess:

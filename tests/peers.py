@@ -183,7 +183,9 @@ class OrthancPeer:
     """Orthanc with its own config, storage folder and free DICOM/HTTP ports."""
 
     def __init__(self, workdir: Path, aet: str = "ORTHANC", timeout_s: float = 20.0,
-                 dicom_port: int | None = None) -> None:
+                 dicom_port: int | None = None, overlay: dict[str, Any] | None = None) -> None:
+        """overlay: settings laid over the test defaults (e.g. a shipped orthanc.json with
+        its "LuaScripts" and "DicomModalities"); the storage folder and ports stay the peer's."""
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.aet = aet
@@ -207,9 +209,11 @@ class OrthancPeer:
             "SaveJobs": False,
             "StorageCompression": False,
         }
+        own = ("StorageDirectory", "IndexDirectory", "DicomPort", "HttpPort", "DicomAet")
+        config.update({k: v for k, v in (overlay or {}).items() if k not in own})
         cfg = self.workdir / "orthanc.json"
         cfg.write_text(json.dumps(config, indent=2))
-        self._log = open(self.workdir / "orthanc.log", "wb")
+        self._log = open(self.workdir / "orthanc.log", "ab")  # a restart on the same storage appends
         self._proc: subprocess.Popen[bytes] | None = subprocess.Popen(
             [require(ORTHANC), str(cfg)], stdout=self._log, stderr=subprocess.STDOUT,
             env=_env(), cwd=self.workdir,

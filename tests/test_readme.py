@@ -146,7 +146,7 @@ def test_container_commands_as_the_compose_file_documents_them() -> None:
 # -- settings examples ----------------------------------------------------------------------
 def test_every_toml_example_loads(tmp_path: Path) -> None:
     blocks = fenced("toml")
-    assert len(blocks) == 2  # listening, TLS
+    assert len(blocks) == 3  # query/retrieve sources, listening, TLS
     loaded = []
     for i, block in enumerate(blocks):
         data = tomllib.loads(block)
@@ -155,7 +155,8 @@ def test_every_toml_example_loads(tmp_path: Path) -> None:
         path.write_text(block if "allowed_calling_aets" in block
                         else block.replace("[node]\n", '[node]\nallowed_calling_aets = ["PACS"]\n', 1))
         loaded.append(load_settings(path))
-    listening, tls = loaded
+    sources, listening, tls = loaded
+    assert sources.sources[0].retrieve == "move" and sources.retrieve.retries == 3
     assert listening.node.host == "0.0.0.0" and listening.node.allowed_calling_aets == ["ORTHANC", "PETMR1"]
     assert tls.node.tls_enabled and tls.node.tls_require_client_cert and tls.sender.tls
 

@@ -150,7 +150,7 @@ def test_example_file_loads_and_its_commented_defaults_are_the_defaults(tmp_path
     # defaults must be the real defaults.
     head, sep, tail = text.partition("# [[destinations]]")
     head = re.sub(r"(?m)^# ([a-z_]+ = .*?)(\s{2,}#.*)?$", r"\1", head)
-    tail_sections = tail.partition("[sender]")
+    tail_sections = tail.partition("\n[sender]\n")  # the section, not a "[sender] tls" comment
     tail = sep + tail_sections[0] + re.sub(
         r"(?m)^# ([a-z_]+ = .*?)(\s{2,}#.*)?$", r"\1", tail_sections[1] + tail_sections[2])
     full = load_settings(write(tmp_path, head + tail))
