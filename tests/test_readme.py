@@ -152,8 +152,11 @@ def test_every_toml_example_loads(tmp_path: Path) -> None:
         data = tomllib.loads(block)
         data.setdefault("node", {}).setdefault("allowed_calling_aets", ["PACS"])
         path = tmp_path / f"{i}.toml"
-        path.write_text(block if "allowed_calling_aets" in block
-                        else block.replace("[node]\n", '[node]\nallowed_calling_aets = ["PACS"]\n', 1))
+        if "allowed_calling_aets" not in block:  # a fragment: the key every file must have
+            block = (block.replace("[node]\n", '[node]\nallowed_calling_aets = ["PACS"]\n', 1)
+                     if re.search(r"^\[node\]$", block, re.M)
+                     else '[node]\nallowed_calling_aets = ["PACS"]\n\n' + block)
+        path.write_text(block)
         loaded.append(load_settings(path))
     sources, listening, tls = loaded
     assert sources.sources[0].retrieve == "move" and sources.retrieve.retries == 3

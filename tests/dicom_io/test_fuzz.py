@@ -100,3 +100,13 @@ def test_series_loader_never_hangs_nor_escapes_exception(seeds: list[bytes], tmp
 @pytest.mark.timeout(90)
 def test_series_loader_raises_only_dicom_input_errors(seeds: list[bytes], tmp_path: Path) -> None:
     _loader_run(seeds, tmp_path, (DicomInputError, InvalidUIDError))
+
+
+def test_unknown_vr_in_the_file_meta_is_refused(seeds: list[bytes]) -> None:
+    # Found by the fuzzer above: pydicom raises NotImplementedError for an unknown VR ("TL"
+    # in (0002,0000)); the receiver must answer a named status, not fail the store.
+    raw = seeds[0]
+    at = raw.index(b"\x02\x00\x00\x00UL", 128)
+    bad = raw[:at + 4] + b"TL" + raw[at + 6:]
+    with pytest.raises(StoreRefused, match="file meta unreadable"):
+        read_header(bad)
