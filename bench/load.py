@@ -5,9 +5,9 @@
 A small PET/MR study goes in first and the bench waits until its job is RUNNING (the fit is
 long: the tiny preset with many epochs); then ``--associations`` senders each open ONE
 association at the same moment (a barrier) and push a ``--slices``-slice PET series of
-``--size`` x ``--size`` pixels. Senders are DCMTK storescu processes (the scanner of
-DESIGN.md's real peers) or, with ``--sender pynetdicom``, pynetdicom SCU threads in this
-process: those lose C-STORE responses under CPU load (the response is logged as received by
+``--size`` x ``--size`` pixels. Senders are DCMTK storescu processes (the scanner of the
+real peers, docs/DESIGN.md "Real peers and test data") or, with ``--sender pynetdicom``,
+pynetdicom SCU threads in this process: those lose C-STORE responses under CPU load (the response is logged as received by
 the association's reader thread, yet send_c_store times out), see bench/RELIABILITY.md. Checked: every instance answered with success (none refused,
 none lost), every one on disk and in the index (bench/crash_soak.check_state), the
 associations really overlapped, the job stayed RUNNING throughout. Measured: wall time and

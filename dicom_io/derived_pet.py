@@ -1,7 +1,7 @@
 """Write a processed PET volume as a derived PET series that a PACS and SUV tools accept.
 
 One PET Image Storage instance per source slice, on the source geometry and in the source
-study, with everything SUV depends on copied unchanged (DESIGN.md "Outputs that a PACS and a
+study, with everything SUV depends on copied unchanged (docs/DESIGN.md "Outputs that a PACS and a
 radiologist accept"). Pixels are signed 16-bit with a per-slice Rescale Slope and Rescale
 Intercept 0 (PS3.3 C.8.9.4.1.2 requires 0 for PET): signed so that a slightly negative value
 (possible after blending or filtering) stays representable instead of being clipped, at the

@@ -273,7 +273,7 @@ def _file_bytes(event: Event) -> bytes:
 
 def set_tcp_nodelay(event: Event) -> None:
     """EVT_CONN_OPEN handler for both ends of an association."""
-    # DESIGN.md "Networking facts": without TCP_NODELAY Nagle + delayed ACK stall each DIMSE
+    # docs/DESIGN.md "Networking facts": without TCP_NODELAY Nagle + delayed ACK stall each DIMSE
     # reply ~40 ms; pynetdicom never sets it.
     sock = event.assoc.dul.socket.socket if event.assoc.dul.socket else None
     if sock is not None:

@@ -12,7 +12,7 @@ from typing import Any
 
 
 class Method(str, Enum):
-    """The denoising methods the node offers (DESIGN.md: SDIP and the paper's two baselines)."""
+    """The denoising methods the node offers (docs/DESIGN.md "The method, exactly")."""
 
     SDIP = "sdip"          # stability-weighted conditional DIP
     CDIP = "cdip"          # plain conditional DIP (alpha = 0)

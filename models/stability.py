@@ -1,4 +1,4 @@
-"""The stability map and the blend (DESIGN.md steps 2 and 3).
+"""The stability map and the blend (docs/DESIGN.md "The method, exactly", steps 2 and 3).
 
 ``S = Std[f(θ_n | g)]`` over the sampled epochs is accumulated online with Welford's algorithm
 so that the fit never holds 21 volumes; ``blend`` turns S into the per-voxel weight of the

@@ -301,7 +301,7 @@ class MethodSettings(_Section):
     def dip_params(self) -> DipParams:
         """The preset with this section's overrides applied (validated by DipParams).
 
-        Plain conditional DIP is SDIP with alpha = 0 (DESIGN.md), so ``cdip`` forces alpha to 0
+        Plain conditional DIP is SDIP with alpha = 0 (docs/DESIGN.md), so ``cdip`` forces alpha to 0
         and rejects another explicit alpha rather than silently ignoring it.
         """
         overrides = {

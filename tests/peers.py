@@ -19,7 +19,7 @@ API (keep it small):
   8x8 PET Image Storage files of one series (for wire tests, not for numerics).
 
 Every process gets ``TCP_NODELAY=1`` (Debian's DCMTK and Orthanc only set it when asked,
-DESIGN.md "Networking facts"); readiness is polled, never slept for; stop() waits for the PID
+docs/DESIGN.md "Networking facts"); readiness is polled, never slept for; stop() waits for the PID
 because Orthanc frees its DICOM port only when it has exited. DCMTK storescp and Orthanc 1.10
 listen on all interfaces (neither has a bind-address option); tests only talk to 127.0.0.1.
 A test whose peer is not installed fails (``require(tool)``): CI installs every peer.

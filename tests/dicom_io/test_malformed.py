@@ -1,7 +1,7 @@
 """Bad input on the wire, against a real receiver + spool: each gets its DIMSE status (or a
 rejected association / context), one log line, and the next good store still succeeds.
 
-Where each check lives (DESIGN.md: the SCP handler never decodes pixels):
+Where each check lives (docs/DESIGN.md "The pipeline": the SCP handler never decodes pixels):
 - association / presentation context (pynetdicom, ReceiverConfig): calling AE, address,
   SOP class, transfer syntax -> A-ASSOCIATE-RJ or a rejected context, no DIMSE status at all;
 - spool header parse (node/spool.read_header, stop_before_pixels): truncation, wrong VRs,

@@ -227,7 +227,7 @@ def test_tls_round_trip(tmp_path: Path) -> None:
 @pytest.mark.network
 @pytest.mark.timeout(30)
 def test_tcp_nodelay_is_set_on_both_ends(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # DESIGN.md "Networking facts": Nagle + delayed ACK cap pynetdicom at ~20 images/s.
+    # docs/DESIGN.md "Networking facts": Nagle + delayed ACK cap pynetdicom at ~20 images/s.
     import socket
 
     import dipnode.dicom_io.scp as scp_mod
