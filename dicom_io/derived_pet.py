@@ -1,4 +1,4 @@
-"""Write a processed PET volume as a derived PET series that a PACS and SUV tools accept.
+"""A processed PET volume as a derived PET series that a PACS and SUV tools accept.
 
 One PET Image Storage instance per source slice, on the source geometry and in the source
 study, with everything SUV depends on copied unchanged (docs/DESIGN.md "Outputs that a PACS and a
@@ -14,12 +14,12 @@ import copy
 from pathlib import Path
 
 import numpy as np
-from pydicom import dcmwrite
 from pydicom.dataelem import RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, PositronEmissionTomographyImageStorage
 
 from dipnode.dicom_io.errors import DicomOutputError
+from dipnode.dicom_io.files import write_datasets
 from dipnode.dicom_io.provenance import OutputSpec, apply_derivation
 from dipnode.dicom_io.uids import derive_uid
 from dipnode.dicom_io.volume import Volume
@@ -37,11 +37,11 @@ _DROP = (
 
 def _check(source: Volume, values: np.ndarray) -> np.ndarray:
     if source.sop_class_uid != PositronEmissionTomographyImageStorage:
-        raise DicomOutputError(f"write_derived_pet: source.sop_class_uid expected PET Image Storage "
+        raise DicomOutputError(f"build_derived_pet: source.sop_class_uid expected PET Image Storage "
                                f"{PositronEmissionTomographyImageStorage}, got {source.sop_class_uid}")
-    arr = source.values_on_grid(values, "write_derived_pet", "values")
+    arr = source.values_on_grid(values, "build_derived_pet", "values")
     if len(source.headers) != arr.shape[0]:
-        raise DicomOutputError(f"write_derived_pet: source.headers expected {arr.shape[0]} slices, "
+        raise DicomOutputError(f"build_derived_pet: source.headers expected {arr.shape[0]} slices, "
                                f"got {len(source.headers)}")
     return arr.astype(np.float64)
 
@@ -75,7 +75,7 @@ def keep_text_bytes(ds: Dataset, raw: dict[int, RawDataElement]) -> None:
             ds[tag] = elem
 
 
-def write_derived_pet(source: Volume, values: np.ndarray, spec: OutputSpec) -> list[Dataset]:
+def build_derived_pet(source: Volume, values: np.ndarray, spec: OutputSpec) -> list[Dataset]:
     """Return one derived PET dataset per source slice (k order), ready for dcmwrite."""
     arr = _check(source, values)
     date = spec.content_datetime.strftime("%Y%m%d")
@@ -127,13 +127,6 @@ def write_derived_pet(source: Volume, values: np.ndarray, spec: OutputSpec) -> l
     return out
 
 
-def write_series(datasets: list[Dataset], out_dir: str | Path) -> list[Path]:
-    """Write datasets as ``<SOPInstanceUID>.dcm`` files in out_dir; return the paths."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for ds in datasets:
-        path = out / f"{ds.SOPInstanceUID}.dcm"
-        dcmwrite(path, ds, enforce_file_format=True)
-        paths.append(path)
-    return paths
+def write_derived_pet(source: Volume, values: np.ndarray, spec: OutputSpec, out_dir: Path) -> list[Path]:
+    """Build the derived PET series (:func:`build_derived_pet`) and write it to ``out_dir``."""
+    return write_datasets(build_derived_pet(source, values, spec), out_dir)

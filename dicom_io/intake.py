@@ -22,7 +22,6 @@ The same checks run on spool files at start-up, so what was accepted once is acc
 """
 from __future__ import annotations
 
-import re
 import struct
 import zlib
 from dataclasses import dataclass
@@ -30,38 +29,20 @@ from io import BytesIO
 
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.filereader import read_dataset, read_preamble
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pydicom.valuerep import VR
 
 from .logsafe import shown
 from .status import Status, StoreRefused
+from .vr import InvalidUIDError, check_uid
 
-__all__ = ["Header", "InvalidUIDError", "check_uid", "dataset_bytes", "read_received"]
+__all__ = ["Header", "dataset_bytes", "read_received"]
 
-# PS3.5 9.1: a UID is digit components separated by '.', at most 64 characters. The grammar also
-# forbids leading zeros in a component, but some vendors emit them; accepting them is harmless
-# here because only digits and dots reach the file system, which is what keeps names safe.
-_UID_RE = re.compile(r"[0-9]+(\.[0-9]+)*")
-_UID_MAX = 64
 _PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})  # Pixel, Float, Double Float
 _UNDEFINED = 0xFFFFFFFF
 _VRS = frozenset(v.value.encode() for v in VR)
-
-
-class InvalidUIDError(ValueError):
-    """A UID that does not follow PS3.5 9.1 and so cannot name a file."""
-
-
-def check_uid(name: str, value: object) -> str:
-    """Return ``value`` if it is a PS3.5 9.1 UID (digits and dots, <= 64 chars), else raise."""
-    if not isinstance(value, str) or len(value) > _UID_MAX or not _UID_RE.fullmatch(value):
-        raise InvalidUIDError(
-            f"{name}: expected a DICOM UID (PS3.5 9.1: digits and '.', at most {_UID_MAX} "
-            f"characters), got {shown(value, 80)}"
-        )
-    return value
 
 
 @dataclass(frozen=True)
@@ -84,7 +65,9 @@ def _meta(raw: bytes) -> tuple[FileMetaDataset, int]:
         # pydicom's own reader for group 0002 (PS3.10 7.1), which leaves fp at the data set.
         meta = pydicom.filereader._read_file_meta_info(fp)
     except (InvalidDicomError, EOFError, ValueError, KeyError, struct.error, OSError,
-            NotImplementedError) as exc:  # NotImplementedError: an unknown VR (found by fuzzing)
+            NotImplementedError, BytesLengthException) as exc:
+        # Found by fuzzing: NotImplementedError for an unknown VR, BytesLengthException for a
+        # value whose length is no multiple of its VR's size (e.g. a 3-byte UL group length).
         raise _refuse(Status.CANNOT_UNDERSTAND,
                       f"file meta unreadable: {type(exc).__name__}: {shown(exc, 120)}") from exc
     return meta, fp.tell()

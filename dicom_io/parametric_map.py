@@ -1,4 +1,4 @@
-"""Write the SDIP stability map as one highdicom Parametric Map on the PET grid.
+"""The SDIP stability map as one highdicom Parametric Map on the PET grid.
 
 Float pixels (Float Pixel Data, PS3.3 C.7.6.3) with a Real World Value Mapping in a UCUM unit
 (the stability map is a standard deviation of network outputs, so it has the PET's unit),
@@ -7,6 +7,8 @@ another study cannot be a further source image (PS3.3 C.7.6.16.2.6: sources are 
 study), so it is named in the derivation description instead.
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 from highdicom import ContributingEquipment, PlanePositionSequence, CoordinateSystemNames
@@ -20,6 +22,7 @@ from highdicom.sr import CodedConcept
 from pydicom.sr.codedict import codes
 
 from dipnode.dicom_io.errors import DicomOutputError
+from dipnode.dicom_io.files import write_datasets
 from dipnode.dicom_io.provenance import OutputSpec, _ST_MAX
 from dipnode.dicom_io.uids import derive_uid
 from dipnode.dicom_io.volume import Volume
@@ -27,7 +30,7 @@ from dipnode.dicom_io.volume import Volume
 _DEFAULT_UNIT = ("Bq/mL", "UCUM", "Bq/mL")
 
 
-def write_stability_map(
+def build_stability_map(
     source: Volume,
     stability: np.ndarray,
     spec: OutputSpec,
@@ -36,10 +39,10 @@ def write_stability_map(
     mr_reference_note: str = "",
 ) -> ParametricMap:
     """Return a Parametric Map of ``stability`` (k, j, i) on ``source``'s grid."""
-    arr = source.values_on_grid(stability, "write_stability_map", "stability")
+    arr = source.values_on_grid(stability, "build_stability_map", "stability")
     value, scheme, meaning = unit
     if scheme != "UCUM":
-        raise DicomOutputError(f"write_stability_map: unit coding scheme expected UCUM, got {scheme}")
+        raise DicomOutputError(f"build_stability_map: unit coding scheme expected UCUM, got {scheme}")
     arr = arr.astype(np.float32)
     lo, hi = float(arr.min()), float(arr.max())
     mapping = RealWorldValueMapping(
@@ -120,3 +123,19 @@ def write_stability_map(
         for item in frame.get("DerivationImageSequence", []):
             item.DerivationDescription = description
     return pm
+
+
+def write_stability_map(
+    source: Volume,
+    stability: np.ndarray,
+    spec: OutputSpec,
+    out_dir: Path,
+    *,
+    unit: tuple[str, str, str] = _DEFAULT_UNIT,
+    mr_reference_note: str = "",
+) -> Path:
+    """Build the Parametric Map (:func:`build_stability_map`) and write it to ``out_dir`` as
+    ``<SOPInstanceUID>.dcm``; returns the path."""
+    pm = build_stability_map(source, stability, spec, unit=unit, mr_reference_note=mr_reference_note)
+    [path] = write_datasets([pm], out_dir)
+    return path

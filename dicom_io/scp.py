@@ -64,8 +64,10 @@ from pydicom.uid import (
     RLELossless,
 )
 
+from .errors import ConfigError
 from .logsafe import shown
 from .status import Status, StoreRefused, describe
+from .vr import check_ae_title
 
 __all__ = [
     "DEFAULT_SOP_CLASSES",
@@ -75,7 +77,6 @@ __all__ = [
     "Receiver",
     "ReceiverConfig",
     "StoreRefused",
-    "check_ae_title",
     "set_tcp_nodelay",
     "start_receiver",
 ]
@@ -119,24 +120,6 @@ MIB = 1 << 20
 # A-ASSOCIATE-RQ with a hundred presentation contexts some 20 kB.
 _MAX_COMMAND_BYTES = 64 * 1024
 _MIN_PDU_CAP = MIB
-
-# PS3.8 9.3.2.1 / 9.3.3.2: AE titles are 1-16 characters of the default repertoire, no backslash.
-_AE_MAX = 16
-
-
-class ConfigError(ValueError):
-    """A receiver or destination setting is out of range; the message names it."""
-
-
-def check_ae_title(name: str, value: str) -> None:
-    """Raise ConfigError naming ``name`` unless ``value`` is a usable AE title."""
-    stripped = value.strip()
-    if not stripped or len(stripped) > _AE_MAX or "\\" in value or not value.isascii():
-        raise ConfigError(
-            f"{name}: expected 1-{_AE_MAX} ASCII characters without backslash "
-            f"(PS3.5 6.2 AE VR), got {value!r}"
-        )
-
 
 @dataclass(frozen=True)
 class ReceiverConfig:

@@ -24,8 +24,10 @@ from pynetdicom import AE, evt
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.sop_class import Verification
 
-from .scp import ConfigError, check_ae_title, set_tcp_nodelay
+from .errors import ConfigError
+from .scp import set_tcp_nodelay
 from .status import describe, is_stored
+from .vr import check_ae_title
 
 __all__ = [
     "MAX_CONTEXTS",

@@ -344,7 +344,7 @@ def cmd_denoise(args: argparse.Namespace) -> int:
 
 def _destination(text: str, name: str, calling_ae: str):
     """The peer ``text`` (option or argument ``name``), after checking our AE title (--aet)."""
-    from dipnode.dicom_io.scp import check_ae_title
+    from dipnode.dicom_io.vr import check_ae_title
     from dipnode.dicom_io.scu import Destination
 
     try:

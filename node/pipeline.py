@@ -12,14 +12,13 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
 
-from dipnode.dicom_io.derived_pet import write_derived_pet, write_series
+from dipnode.dicom_io.derived_pet import write_derived_pet
 from dipnode.dicom_io.parametric_map import write_stability_map
-from dipnode.dicom_io.provenance import OutputSpec
+from dipnode.dicom_io.provenance import OutputSpec, software_version
 from dipnode.dicom_io.series import load_volume, read_datasets, split_series
 from dipnode.dicom_io.uids import derive_uid
 from dipnode.dicom_io.volume import Volume
@@ -30,13 +29,6 @@ from dipnode.models.params import DipParams, Method
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int, float], None]
-
-
-def software_version() -> str:
-    try:
-        return version("dipnode")
-    except PackageNotFoundError:  # running from a source tree that was not installed
-        return "0+unknown"
 
 
 class PipelineError(ValueError):
@@ -189,23 +181,17 @@ def encode_and_write(aligned: AlignedPair, result: DenoiseResult, pair: PetMrPai
             software_version=software_version(), research=options.research,
         )
 
-    pet_ds = write_derived_pet(aligned.pet, result.denoised, spec("pet", options.series_number_pet, descriptions["pet"]))
-    pet_files = write_series(pet_ds, out_dir / "pet")
+    pet_files = write_derived_pet(aligned.pet, result.denoised,
+                                  spec("pet", options.series_number_pet, descriptions["pet"]), out_dir / "pet")
     map_files: list[Path] = []
     if result.stability is not None and options.series_number_map:
-        pm = write_stability_map(aligned.pet, result.stability,
-                                 spec("map", options.series_number_map, descriptions["map"]),
-                                 mr_reference_note=derivation)
-        map_dir = out_dir / "map"
-        map_dir.mkdir(parents=True, exist_ok=True)
-        target = map_dir / f"{pm.SOPInstanceUID}.dcm"
-        pm.save_as(target, enforce_file_format=True)
-        map_files.append(target)
+        map_files.append(write_stability_map(aligned.pet, result.stability,
+                                             spec("map", options.series_number_map, descriptions["map"]),
+                                             out_dir / "map", mr_reference_note=derivation))
         if options.series_number_map_plain:
-            plain = write_derived_pet(aligned.pet, result.stability,
-                                      spec("map-plain", options.series_number_map_plain,
-                                           descriptions["map-plain"]))
-            map_files += write_series(plain, out_dir / "map-plain")
+            map_files += write_derived_pet(aligned.pet, result.stability,
+                                           spec("map-plain", options.series_number_map_plain,
+                                                descriptions["map-plain"]), out_dir / "map-plain")
     return pet_files, map_files
 
 

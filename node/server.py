@@ -20,6 +20,7 @@ from pathlib import Path
 
 from dipnode.dicom_io.intake import Header, dataset_bytes, read_received
 from dipnode.dicom_io.logsafe import SafeValuesFilter, shown
+from dipnode.dicom_io.provenance import software_version
 from dipnode.dicom_io.scp import ReceivedInstance, start_receiver
 from dipnode.dicom_io.scu import Destination as Peer
 from dipnode.dicom_io.scu import send_files
@@ -170,7 +171,7 @@ class Node:
         self._scheduler.start()
         if self.retriever is not None:
             self.retriever.start()
-        log.info("dipnode %s listening as %s on %s:%d", pipeline.software_version(),
+        log.info("dipnode %s listening as %s on %s:%d", software_version(),
                  self.settings.node.ae_title, self.settings.node.host, self.port)
 
     def index_orphans(self) -> int:

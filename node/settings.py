@@ -27,36 +27,19 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from dipnode.dicom_io.tls import check_cert_and_key
+from dipnode.dicom_io.vr import check_ae_title
 from dipnode.models.params import PRESETS, DipParams, Method, preset
 
 __all__ = [
     "Destination", "MatchingSettings", "MethodSettings", "NodeSettings", "OutputSettings",
     "RetrieveSettings", "SenderSettings", "SeriesSettings", "Source", "Settings", "SettingsError", "StorageSettings",
-    "WorkersSettings", "example_settings_toml", "load_settings", "validate_ae_title",
+    "WorkersSettings", "example_settings_toml", "load_settings",
 ]
 
 
 class SettingsError(ValueError):
     """The configuration is unusable; the message names each bad key, expected and actual."""
-
-
-def validate_ae_title(value: str, key: str = "ae_title") -> str:
-    """An Application Entity title as PS3.5 §6.2 (VR AE) defines it, stripped of padding.
-
-    At most 16 characters of the default repertoire (printable ASCII) without backslash,
-    and not only spaces; leading and trailing spaces are not significant.
-    """
-    stripped = value.strip(" ")
-    if not stripped:
-        raise ValueError(f"{key}: expected 1 to 16 non-space characters (PS3.5 §6.2 AE), got {value!r}")
-    if len(stripped) > 16:
-        raise ValueError(f"{key}: expected at most 16 characters (PS3.5 §6.2 AE), got {len(stripped)} in {value!r}")
-    bad = sorted({c for c in stripped if c == "\\" or not " " <= c <= "~"})
-    if bad:
-        raise ValueError(
-            f"{key}: expected printable ASCII without backslash (PS3.5 §6.2 AE), got {value!r} with {bad!r}"
-        )
-    return stripped
 
 
 class _Section(BaseModel):
@@ -106,11 +89,7 @@ class NodeSettings(_Section):
 
     @model_validator(mode="after")
     def _tls(self) -> "NodeSettings":
-        if (self.tls_cert is None) != (self.tls_key is None):
-            raise ValueError(
-                f"tls_cert, tls_key: expected both or neither, got tls_cert={self.tls_cert!r}, "
-                f"tls_key={self.tls_key!r}"
-            )
+        check_cert_and_key(self.tls_cert, self.tls_key)
         if self.tls_require_client_cert and (self.tls_cert is None or self.tls_ca is None):
             raise ValueError(
                 "tls_require_client_cert: expected tls_cert, tls_key and tls_ca to be set, got "
@@ -127,14 +106,14 @@ class NodeSettings(_Section):
     @field_validator("ae_title")
     @classmethod
     def _ae(cls, v: str) -> str:
-        return validate_ae_title(v)
+        return check_ae_title("ae_title", v)
 
     @field_validator("allowed_calling_aets")
     @classmethod
     def _calling(cls, v: list[str]) -> list[str]:
         if "*" in v and len(v) > 1:
             raise ValueError(f'expected either ["*"] (any caller) or a list of AE titles, got {v!r}')
-        return v if v == ["*"] else [validate_ae_title(a, "allowed_calling_aets item") for a in v]
+        return v if v == ["*"] else [check_ae_title("allowed_calling_aets item", a) for a in v]
 
     @field_validator("allowed_addresses")
     @classmethod
@@ -236,12 +215,12 @@ class Source(_Section):
     @field_validator("ae_title")
     @classmethod
     def _ae(cls, v: str) -> str:
-        return validate_ae_title(v)
+        return check_ae_title("ae_title", v)
 
     @field_validator("move_destination")
     @classmethod
     def _dest(cls, v: str | None) -> str | None:
-        return None if v is None else validate_ae_title(v, "move_destination")
+        return None if v is None else check_ae_title("move_destination", v)
 
     @property
     def label(self) -> str:
@@ -350,7 +329,7 @@ class Destination(_Section):
     @field_validator("ae_title")
     @classmethod
     def _ae(cls, v: str) -> str:
-        return validate_ae_title(v)
+        return check_ae_title("ae_title", v)
 
     @property
     def label(self) -> str:
@@ -375,15 +354,11 @@ class SenderSettings(_Section):
     @field_validator("calling_ae")
     @classmethod
     def _ae(cls, v: str | None) -> str | None:
-        return None if v is None else validate_ae_title(v)
+        return None if v is None else check_ae_title("ae_title", v)
 
     @model_validator(mode="after")
     def _order(self) -> "SenderSettings":
-        if (self.tls_cert is None) != (self.tls_key is None):
-            raise ValueError(
-                f"tls_cert, tls_key: expected both or neither, got tls_cert={self.tls_cert!r}, "
-                f"tls_key={self.tls_key!r}"
-            )
+        check_cert_and_key(self.tls_cert, self.tls_key)
         if self.backoff_max_s < self.backoff_s:
             raise ValueError(
                 f"backoff_max_s: expected >= backoff_s ({self.backoff_s}), got {self.backoff_max_s}"

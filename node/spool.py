@@ -28,7 +28,8 @@ from pathlib import Path
 
 from pydicom import Dataset
 
-from dipnode.dicom_io.intake import InvalidUIDError, Header, check_uid, read_received
+from dipnode.dicom_io.intake import Header, read_received
+from dipnode.dicom_io.vr import InvalidUIDError, check_uid
 from dipnode.dicom_io.scp import ReceivedInstance
 from dipnode.dicom_io.status import Status, StoreRefused
 

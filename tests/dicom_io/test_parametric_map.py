@@ -9,7 +9,7 @@ import pytest
 from pydicom import dcmread
 
 from dipnode.dicom_io.errors import DicomOutputError
-from dipnode.dicom_io.parametric_map import write_stability_map
+from dipnode.dicom_io.parametric_map import build_stability_map, write_stability_map
 from dipnode.dicom_io.provenance import OutputSpec
 from dipnode.dicom_io.series import load_series_dir
 from dipnode.dicom_io.uids import derive_uid
@@ -30,12 +30,12 @@ def source(tmp_path: Path, study, oblique_affine, pet_values) -> Volume:
 
 def test_map_passes_dciodvfy_and_reads_back(source: Volume, tmp_path: Path, dciodvfy_errors) -> None:
     stability = np.random.default_rng(1).random(source.values.shape).astype(np.float32) * 50.0
-    pm = write_stability_map(source, stability, SPEC, mr_reference_note="MR 1.2.3.4 (other study)")
-    path = tmp_path / "map.dcm"
-    pm.save_as(path, enforce_file_format=True)
+    path = write_stability_map(source, stability, SPEC, tmp_path / "map",
+                               mr_reference_note="MR 1.2.3.4 (other study)")
     assert dciodvfy_errors(path) == []
 
     ds = dcmread(path)
+    assert path == tmp_path / "map" / f"{ds.SOPInstanceUID}.dcm"  # the writer names it by its UID
     assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.30"  # Parametric Map Storage
     assert "FloatPixelData" in ds and int(ds.NumberOfFrames) == stability.shape[0]
     assert ds.StudyInstanceUID == source.study_instance_uid
@@ -69,12 +69,12 @@ def test_map_passes_dciodvfy_and_reads_back(source: Volume, tmp_path: Path, dcio
 
 def test_map_uid_deterministic(source: Volume) -> None:
     stability = np.ones(source.values.shape, dtype=np.float32)
-    a = write_stability_map(source, stability, SPEC).SOPInstanceUID
-    assert a == write_stability_map(source, stability, SPEC).SOPInstanceUID
+    a = build_stability_map(source, stability, SPEC).SOPInstanceUID
+    assert a == build_stability_map(source, stability, SPEC).SOPInstanceUID
 
 
 def test_map_rejects_bad_input(source: Volume) -> None:
     with pytest.raises(DicomOutputError, match="shape expected"):
-        write_stability_map(source, np.ones((1, 2, 3)), SPEC)
+        build_stability_map(source, np.ones((1, 2, 3)), SPEC)
     with pytest.raises(DicomOutputError, match="UCUM"):
-        write_stability_map(source, np.ones(source.values.shape), SPEC, unit=("x", "99LOCAL", "x"))
+        build_stability_map(source, np.ones(source.values.shape), SPEC, unit=("x", "99LOCAL", "x"))

@@ -9,7 +9,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from dipnode.dicom_io.derived_pet import write_derived_pet, write_series
+from dipnode.dicom_io.derived_pet import write_derived_pet
 from dipnode.dicom_io.provenance import OutputSpec
 from dipnode.dicom_io.series import load_volume, read_datasets
 from dipnode.dicom_io.uids import derive_uid
@@ -53,7 +53,7 @@ def test_invalid_utf8_name_is_copied_byte_for_byte(tmp_path: Path) -> None:
     spec = OutputSpec(series_instance_uid=derive_uid("bytes", "pet"), series_number=1001,
                       series_description="SDIP", derivation_description="test", uid_seed="bytes",
                       content_datetime=dt.datetime(2024, 5, 17, 12, 0, 0))
-    out = write_series(write_derived_pet(vol, vol.values, spec), tmp_path / "out")
+    out = write_derived_pet(vol, vol.values, spec, tmp_path / "out")
     for path in out:
         raw = path.read_bytes()
         assert "\ufffd".encode() not in raw

@@ -5,7 +5,7 @@ import pytest
 
 from dipnode.models.params import Method, preset
 from dipnode.node.settings import (
-    SettingsError, example_settings_toml, load_settings, validate_ae_title,
+    SettingsError, example_settings_toml, load_settings,
 )
 
 MINIMAL = '[node]\nallowed_calling_aets = ["PACS"]\n'
@@ -76,7 +76,7 @@ def test_calling_aets_must_be_explicit(tmp_path):
 
 @pytest.mark.parametrize("body,key,fragment", [
     ('[node]\nallowed_calling_aets=["A"]\nport = 70000\n', "node.port", "70000"),
-    ('[node]\nallowed_calling_aets=["A"]\nae_title = "WAY_TOO_LONG_AE_TITLE"\n', "node.ae_title", "at most 16"),
+    ('[node]\nallowed_calling_aets=["A"]\nae_title = "WAY_TOO_LONG_AE_TITLE"\n', "node.ae_title", "expected 1-16 characters"),
     ('[node]\nallowed_calling_aets=["A\\\\B"]\n', "node.allowed_calling_aets", "backslash"),
     ('[node]\nallowed_calling_aets=["*", "PACS"]\n', "node.allowed_calling_aets", '["*"]'),
     (MINIMAL + '[matching]\nfallback = "pray"\n', "matching.fallback", "pray"),
@@ -129,10 +129,11 @@ def test_settings_are_immutable(tmp_path):
         s.node.port = 1  # type: ignore[misc]
 
 
-def test_ae_title_padding_is_not_significant():
-    assert validate_ae_title("  PACS ") == "PACS"
-    with pytest.raises(ValueError, match="non-space"):
-        validate_ae_title("    ")
+def test_ae_title_padding_is_not_significant(tmp_path):
+    s = load_settings(write(tmp_path, '[node]\nallowed_calling_aets = ["  PACS "]\nae_title = " ME"\n'))
+    assert s.node.allowed_calling_aets == ["PACS"] and s.node.ae_title == "ME"
+    with pytest.raises(SettingsError, match="non-space"):
+        load_settings(write(tmp_path, '[node]\nallowed_calling_aets = ["*"]\nae_title = "    "\n'))
 
 
 def test_example_file_makes_the_admin_list_the_callers(tmp_path):
