@@ -465,8 +465,7 @@ def run_soak(out: Path, *, kills: int, seed: int, studies: int, senders: int = 3
     port = free_port()
     sink = StorescpPacs(out / "pacs", out / "storescp.log") if pacs else None
     # tiny preset: 12 L-BFGS epochs of a 2-level U-Net: a job runs ~seconds, kills land in it.
-    cfg = write_config(out, port, method={"name": method, "preset": "tiny", "epochs": epochs,
-                                          "sample_from": max(1, epochs // 2)},
+    cfg = write_config(out, port, method={"name": method, "preset": "tiny", "epochs": epochs},
                        destinations=[(sink.aet, sink.port)] if sink else ())
     spool, database, log_path = out / "spool", out / "dipnode.sqlite", out / "node.log"
     # Studies are dealt to senders round-robin; each sender starts a little later than the one

@@ -160,8 +160,7 @@ def run_load(out: Path, *, associations: int = 8, slices: int = 112, size: int =
     port = free_port()
     # 3 s: the background MR (no expected count) completes by stable age; PET by count.
     cfg = write_config(out, port, stable_age_s=3.0,
-                       method={"name": "sdip", "preset": "tiny", "epochs": max(job_epochs, 4),
-                               "sample_from": max(job_epochs, 4) // 2})
+                       method={"name": "sdip", "preset": "tiny", "epochs": max(job_epochs, 4)})
     database, spool = out / "dipnode.sqlite", out / "spool"
     say(f"data written in {time.monotonic() - t_start:.1f} s")
     node = SoakNode(cfg, port, out / "node.log")

@@ -5,7 +5,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from dipnode.models.params import DipParams, Method
+from dipnode.models.params import DipParams, Method, resolve_params
 from dipnode.node.settings import Settings
 from dipnode.node.store import JobState, Store
 
@@ -54,14 +54,10 @@ def quarantine_line(spool_dir: Path) -> str | None:
 def request_rerun(store: Store, settings: Settings, job_id: int, *, method: str | None,
                   preset_name: str | None, overrides: dict[str, object]) -> int:
     """Queue a new job for the same PET (new output series), with other parameters if given."""
-    from dipnode.node.commands import resolve_params
-
     old = store.job(job_id)
-    base = DipParams(**old.params)
-    params = resolve_params(preset_name, overrides, base=base)
     chosen = Method(method or old.method)
-    if chosen is Method.CDIP:
-        params = params.replace(alpha=0.0)
+    params = resolve_params(preset_name=preset_name, base=DipParams(**old.params),
+                            overrides=overrides, method=chosen)
     needs_wait = chosen.needs_mr and old.mr_series_uid is None
     job = store.create_job(old.pet_series_uid, method=chosen.value, params=params.as_dict(),
                            now=time.time(), mr_series_uid=old.mr_series_uid, rerun=True,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from dipnode.models.params import DipParams, Method, preset
+from dipnode.models.params import DipParams, Method, resolve_params
 
 log = logging.getLogger(__name__)
 
@@ -49,26 +49,21 @@ def method_overrides(args: argparse.Namespace) -> dict[str, object]:
 def in_cli_words(message: str) -> str:
     """A parameter error as the user typed it: ``DipParams.fwhm_voxels`` -> ``--fwhm``,
     ``epochs=3`` -> ``--epochs 3``."""
+    message = re.sub(r"^preset: ", "--preset: ", message)
     message = re.sub(r"DipParams\.(\w+)", lambda m: _OPTION_OF_FIELD.get(m[1], m[1]), message)
     message = re.sub(r"\b(\w+)=", lambda m: (f"{_OPTION_OF_FIELD[m[1]]} " if m[1] in _OPTION_OF_FIELD
                                               else m[0]), message)
     return message.removeprefix("DipParams: ")
 
 
-def resolve_params(preset_name: str | None, overrides: dict[str, object],
-                   base: DipParams | None = None) -> DipParams:
-    """``base`` (else the named preset, else DEFAULT_PRESET) with the command line's values."""
+def cli_params(preset_name: str | None, overrides: dict[str, object], *,
+               base: DipParams | None = None, method: Method | None = None) -> DipParams:
+    """models.params.resolve_params (the one home of the rules), its errors in the words the
+    user typed; ``base`` (a job's parameters) unless a preset is named, else DEFAULT_PRESET."""
     try:
-        if base is None or preset_name:
-            try:
-                base = preset(preset_name or DEFAULT_PRESET)
-            except ValueError as exc:
-                raise UserError(f"--preset: {exc}") from None
-        if "epochs" in overrides and "sample_from" not in overrides:
-            # Keep the schedule's shape (sample the second half) when only the epochs change.
-            overrides = {**overrides, "sample_from": max(1, int(overrides["epochs"]) // 2)}  # type: ignore[call-overload]
-        return base.replace(**overrides)
-    except (ValueError, TypeError) as exc:
+        return resolve_params(preset_name=preset_name or (None if base is not None else DEFAULT_PRESET),
+                              base=base, overrides=overrides, method=method)
+    except ValueError as exc:
         raise UserError(in_cli_words(str(exc))) from None
 
 
@@ -318,7 +313,7 @@ def cmd_denoise(args: argparse.Namespace) -> int:
     if method.needs_mr and args.mr_dir is None:
         raise UserError(f"--method {method.value} needs MR_DIR (or use --method gaussian)")
     preset_name = args.preset or DEFAULT_PRESET
-    params = resolve_params(preset_name, method_overrides(args))
+    params = cli_params(preset_name, method_overrides(args), method=method)
     device = describe_device(params.device) if method.needs_mr else "cpu"
     if method.needs_mr:
         say(f"{method.value}: preset {preset_name}{'' if args.preset else ' (the default; --preset paper for the paper settings)'}, "

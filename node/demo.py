@@ -22,7 +22,7 @@ from dipnode.dicom_io.scu import PARAMETRIC_MAP_STORAGE, Destination, send_files
 from dipnode.dicom_io.series import load_volume, read_datasets
 from dipnode.dicom_io.status import Status
 from dipnode.node import pipeline
-from dipnode.node.commands import DEFAULT_PRESET, describe_device, resolve_params
+from dipnode.node.commands import DEFAULT_PRESET, cli_params, describe_device
 from dipnode.node.progress import FitProgress, format_seconds
 from dipnode.node.report import ReportInputs, write_report
 from dipnode.node.server import Node
@@ -52,7 +52,7 @@ def run_demo(out: Path, *, preset_name: str | None = None, voxel_mm: float | Non
     work = out / "work"
     explicit_preset = preset_name is not None
     preset_name = preset_name or DEFAULT_PRESET
-    params = resolve_params(preset_name, {"device": device})
+    params = cli_params(preset_name, {"device": device})
     device_text = describe_device(device)  # before any work: a missing GPU fails at once
     shutil.rmtree(work, ignore_errors=True)
     voxel_mm = voxel_mm or (2.0 if preset_name == "paper" else 4.0)

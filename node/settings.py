@@ -29,7 +29,7 @@ from pydantic_settings import (
 
 from dipnode.dicom_io.tls import check_cert_and_key
 from dipnode.dicom_io.vr import check_ae_title
-from dipnode.models.params import PRESETS, DipParams, Method, preset
+from dipnode.models.params import PRESETS, DipParams, Method, resolve_params
 
 __all__ = [
     "Destination", "MatchingSettings", "MethodSettings", "NodeSettings", "OutputSettings",
@@ -278,21 +278,11 @@ class MethodSettings(_Section):
         return self
 
     def dip_params(self) -> DipParams:
-        """The preset with this section's overrides applied (validated by DipParams).
-
-        Plain conditional DIP is SDIP with alpha = 0 (docs/DESIGN.md), so ``cdip`` forces alpha to 0
-        and rejects another explicit alpha rather than silently ignoring it.
-        """
-        overrides = {
-            k: getattr(self, k)
-            for k in ("alpha", "epochs", "sample_from", "sample_every", "fwhm_voxels", "seed", "device")
-            if getattr(self, k) is not None
-        }
-        if self.name is Method.CDIP:
-            if overrides.get("alpha", 0.0) != 0.0:
-                raise ValueError(f"alpha: expected 0 or unset with name='cdip', got {overrides['alpha']!r}")
-            overrides["alpha"] = 0.0
-        return preset(self.preset).replace(**overrides)
+        """The preset with this section's overrides, by models.params.resolve_params (the
+        rules: epochs moves m to epochs // 2 unless sample_from is set; cdip forces alpha 0)."""
+        overrides = {k: getattr(self, k) for k in
+                     ("alpha", "epochs", "sample_from", "sample_every", "fwhm_voxels", "seed", "device")}
+        return resolve_params(preset_name=self.preset, overrides=overrides, method=self.name)
 
 
 class OutputSettings(_Section):

@@ -26,7 +26,7 @@ pytestmark = [pytest.mark.network, pytest.mark.slow]
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 RESULTS = ("1001", "1002", "1003")  # derived PET, Parametric Map, plain map (settings' numbers)
 # The tiny preset, shortened further: these tests are about which MR, not about the fit.
-SHORT_FIT = {"epochs": 6, "sample_from": 3, "sample_every": 1}
+SHORT_FIT = {"epochs": 6, "sample_every": 1}
 
 
 def shipped_orthanc(workdir: Path, node_port: int, *, lua: bool = True, dicom_port: int | None = None) -> OrthancPeer:

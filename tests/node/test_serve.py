@@ -112,7 +112,7 @@ def test_node_killed_mid_job_resumes_and_loses_nothing(study: PhantomStudy, tmp_
     with OrthancPeer(tmp_path / "orthanc") as orthanc:
         port = free_port()
         # Enough epochs that the job is surely still running when it is killed.
-        cfg = node_settings(tmp_path, port=port, method={"epochs": 40, "sample_from": 20},
+        cfg = node_settings(tmp_path, port=port, method={"epochs": 40},
                             destinations=[{"ae_title": orthanc.aet, "host": "127.0.0.1",
                                            "port": orthanc.dicom_port}])
         db = tmp_path / "dipnode.sqlite"

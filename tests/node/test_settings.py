@@ -58,7 +58,8 @@ def test_environment_overrides_one_key_of_a_section(tmp_path, monkeypatch):
     assert s.node.port == 2104
     assert s.node.ae_title == "FROMFILE"  # the rest of the section still comes from the file
     assert s.node.allowed_calling_aets == ["OTHER"]
-    assert s.dip_params().epochs == 300 and s.dip_params().sample_from == 100
+    # models.params.resolve_params: epochs without sample_from samples the second half.
+    assert s.dip_params().epochs == 300 and s.dip_params().sample_from == 150
 
 
 def test_no_file_uses_environment_and_defaults(monkeypatch):
@@ -160,3 +161,15 @@ def test_example_file_loads_and_its_commented_defaults_are_the_defaults(tmp_path
     assert full.calling_ae == as_is.calling_ae
     assert full.model_dump(exclude={"method", "sender"}) == as_is.model_dump(exclude={"method", "sender"})
     assert full.sender.model_dump(exclude={"calling_ae"}) == as_is.sender.model_dump(exclude={"calling_ae"})
+
+
+def test_epochs_in_toml_follow_the_same_rule_as_the_command_line(tmp_path):
+    # Before: `[method] epochs = 50` with the paper preset failed (m = 100 > 50 epochs) while
+    # `--epochs 50` worked (the CLI moved m to 25). One rule now (models.params.resolve_params).
+    from dipnode.node.commands import cli_params
+
+    s = load_settings(write(tmp_path, MINIMAL + '[method]\npreset = "paper"\nepochs = 50\n'))
+    assert (s.dip_params().epochs, s.dip_params().sample_from) == (50, 25)
+    assert s.dip_params() == cli_params("paper", {"epochs": 50}).replace(device="auto")
+    kept = load_settings(write(tmp_path, MINIMAL + '[method]\nepochs = 50\nsample_from = 40\n'))
+    assert kept.dip_params().sample_from == 40  # an explicit m is kept

@@ -34,7 +34,7 @@ def test_second_serve_on_the_same_spool_or_database_refuses(tmp_path: Path) -> N
     [study] = soak.make_studies(tmp_path / "data", 1, slices=8, size=16)
     port = free_port()
     # A long fit so that the first node's job is RUNNING throughout.
-    cfg = node_settings(tmp_path, port=port, method={"epochs": 2000, "sample_from": 1000},
+    cfg = node_settings(tmp_path, port=port, method={"epochs": 2000},
                         destinations=[], series={"stable_age_s": 1.0, "check_interval_s": 0.2})
     db = tmp_path / "dipnode.sqlite"
     first = NodeProcess(cfg, port, tmp_path / "first.log")
