@@ -173,7 +173,7 @@ def _check_common(datasets: list[Dataset], modality: str | None) -> tuple[str, s
         raise MixedSeriesError(f"series {series}: Modality expected {modality}, got {found}")
     first = datasets[0]
     for keyword, name in _IDENTITY:
-        # Defence in depth behind the index (node/store.py): never one volume of two patients.
+        # Defence in depth behind the index (node/jobs/store.py): never one volume of two patients.
         # The message names UIDs and the attribute only, never a patient's values.
         expected = _identity_value(first, keyword)
         for ds in datasets[1:]:

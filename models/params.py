@@ -178,3 +178,27 @@ def resolve_params(*, preset_name: str | None = None, base: DipParams | None = N
         return base.replace(**changes)
     except TypeError as exc:  # a value of the wrong type fails a comparison in the checks
         raise ValueError(f"DipParams: expected numbers for {sorted(changes)}, got {changes!r} ({exc})") from None
+
+
+# -- parameters at rest -----------------------------------------------------------------------
+#: The format of :func:`params_record`. Bump it when a field is renamed or removed, or when a
+#: new field's default would change what an old record computed; :func:`params_from_record`
+#: then reads each older version as it ran.
+PARAMS_VERSION = 1
+
+
+def params_record(params: DipParams) -> dict[str, Any]:
+    """``params`` as plain values (JSON-able) in format :data:`PARAMS_VERSION`."""
+    return params.as_dict()
+
+
+def params_from_record(record: Mapping[str, Any], version: int) -> DipParams:
+    """The parameters a record of format ``version`` describes; ValueError for a version this
+    dipnode does not know (written by a newer one) or a record it cannot read."""
+    if not 1 <= version <= PARAMS_VERSION:
+        raise ValueError(f"parameters record: expected format 1 to {PARAMS_VERSION}, got {version} "
+                         "(written by a newer dipnode?)")
+    unknown = sorted(set(record) - set(PARAM_FIELDS))
+    if unknown:
+        raise ValueError(f"parameters record (format {version}): unknown fields {unknown}")
+    return DipParams(**record)

@@ -5,9 +5,10 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from dipnode.models.params import DipParams, Method, resolve_params
+from dipnode.models.params import Method, resolve_params
 from dipnode.node.settings import Settings
-from dipnode.node.store import JobState, Store
+from dipnode.node.jobs.rows import JobState
+from dipnode.node.jobs.store import Store
 
 
 def jobs_table(store: Store, *, include_done: bool = False) -> str:
@@ -19,7 +20,7 @@ def jobs_table(store: Store, *, include_done: bool = False) -> str:
     lines = [header]
     for j in rows:
         when = datetime.fromtimestamp(j.updated_at).strftime("%Y-%m-%d %H:%M:%S")
-        line = (f"{j.id:>5}  {j.state.value:<15} {j.progress * 100:>4.0f}%  {j.method:<8} {when:<19}  "
+        line = (f"{j.id:>5}  {j.state.value:<15} {j.progress * 100:>4.0f}%  {j.method.value:<8} {when:<19}  "
                 f"{j.pet_series_uid}")
         if j.rerun_of is not None:
             line += f" (re-run of {j.rerun_of})"
@@ -56,10 +57,10 @@ def request_rerun(store: Store, settings: Settings, job_id: int, *, method: str 
     """Queue a new job for the same PET (new output series), with other parameters if given."""
     old = store.job(job_id)
     chosen = Method(method or old.method)
-    params = resolve_params(preset_name=preset_name, base=DipParams(**old.params),
+    params = resolve_params(preset_name=preset_name, base=old.params,
                             overrides=overrides, method=chosen)
     needs_wait = chosen.needs_mr and old.mr_series_uid is None
-    job = store.create_job(old.pet_series_uid, method=chosen.value, params=params.as_dict(),
+    job = store.create_job(old.pet_series_uid, method=chosen, params=params,
                            now=time.time(), mr_series_uid=old.mr_series_uid, rerun=True,
                            state=JobState.WAITING_FOR_MR if needs_wait else JobState.QUEUED)
     return job.id

@@ -238,7 +238,7 @@ def cmd_health(args: argparse.Namespace) -> int:
 
 
 def _open_store(config: Path | None):
-    from dipnode.node.store import Store
+    from dipnode.node.jobs.store import Store
 
     settings = load_node_settings(config)
     db = Path(settings.storage.database)

@@ -8,7 +8,7 @@ association is never taken as the end of a series. A receiving series is complet
 2. no new instance has arrived for ``stable_age_s`` (each new instance restarts the clock).
 
 Late instances (a new SOP instance for a complete series) re-open the series in the store
-(store.py); the series then completes again by the same rules and is reported with
+(node/jobs/store.py); the series then completes again by the same rules and is reported with
 ``rerun=True``: the pipeline creates a new job for a PET (``create_job(..., rerun=True)``,
 with fresh output UIDs) rather than silently keeping a result computed from a partial series.
 """
@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dipnode.node.store import InstanceRecord, SeriesRow, Store
+from dipnode.node.jobs.rows import InstanceRecord, SeriesRow
+from dipnode.node.jobs.store import Store
 
 log = logging.getLogger(__name__)
 

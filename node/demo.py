@@ -28,7 +28,7 @@ from dipnode.node.report import ReportInputs, write_report
 from dipnode.node.server import Node
 from dipnode.node.settings import Settings
 from dipnode.node.spool import Spool
-from dipnode.node.store import JobState
+from dipnode.node.jobs.rows import JobState
 from dipnode.sim.study import write_phantom_study
 
 log = logging.getLogger(__name__)

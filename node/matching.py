@@ -36,7 +36,7 @@ from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 from dipnode.models.params import Method
-from dipnode.node.store import FetchRow, FetchState, SeriesRow, SeriesState
+from dipnode.node.jobs.rows import FetchRow, FetchState, SeriesRow, SeriesState
 
 if TYPE_CHECKING:
     from dipnode.node.settings import Settings

@@ -35,7 +35,8 @@ from dipnode.dicom_io.status import Status
 from dipnode.node import wire
 from dipnode.node.matching import MatchRules, describe_mr, parse_date, rank_mr, remote_candidate
 from dipnode.node.settings import Settings, Source
-from dipnode.node.store import FetchRow, FetchState, JobState, SeriesRow, Store
+from dipnode.node.jobs.rows import FetchRow, FetchState, JobState, SeriesRow
+from dipnode.node.jobs.store import Store
 
 log = logging.getLogger(__name__)
 

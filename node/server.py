@@ -25,7 +25,6 @@ from dipnode.dicom_io.scp import ReceivedInstance, start_receiver
 from dipnode.dicom_io.scu import Destination as Peer
 from dipnode.dicom_io.scu import send_files
 from dipnode.dicom_io.status import Status, StoreRefused
-from dipnode.models.params import DipParams, Method
 from dipnode.node import pipeline, wire
 from dipnode.node.completion import check_indexable, complete_due, instance_record
 from dipnode.node.executor import ExecutorBusy, LocalExecutor
@@ -34,9 +33,10 @@ from dipnode.node.matching import DecisionKind, MatchRules, decide, ineligible_r
 from dipnode.node.retrieval import Retriever
 from dipnode.node.settings import Settings
 from dipnode.node.spool import Spool
-from dipnode.node.store import (
-    InstanceRecord, JobRow, JobState, KnownInstance, SeriesRow, SeriesState, Store, StoreError,
+from dipnode.node.jobs.rows import (
+    InstanceRecord, JobRow, JobState, KnownInstance, Move, SeriesRow, SeriesState, StoreError,
 )
+from dipnode.node.jobs.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -277,14 +277,13 @@ class Node:
 
     def _new_job(self, pet_uid: str, now: float, *, rerun: bool) -> None:
         m = self.settings.method
-        job = self.store.create_job(pet_uid, method=m.name.value,
-                                    params=self.settings.dip_params().as_dict(), now=now,
+        job = self.store.create_job(pet_uid, method=m.name, params=self.settings.dip_params(), now=now,
                                     state=JobState.WAITING_FOR_MR, rerun=rerun)
         log.info("job %d for PET series %s: %s", job.id, pet_uid, job.state.value)
         pet = self.store.series(pet_uid)
         if pet is not None and pet.conflict and job.state is JobState.WAITING_FOR_MR:
             # Two patients (or studies, frames of reference, modalities) in one series: never
-            # processed. The reason names UIDs and attributes only (store.py).
+            # processed. The reason names UIDs and attributes only (node/jobs/store.py).
             reason = f"series {pet_uid} is not one consistent series: {pet.conflict}; not processed"
             job = self.store.transition(job.id, JobState.FAILED, now, reason=reason)
             log.warning("job %d failed: %s", job.id, reason)
@@ -294,7 +293,7 @@ class Node:
             # (Only this scheduler thread claims jobs, so none of these can start meanwhile.)
             for old in self.store.jobs([JobState.WAITING_FOR_MR, JobState.QUEUED], pet_series_uid=pet_uid):
                 if old.id != job.id:
-                    self.store.transition(old.id, JobState.FAILED, now, expect=old.state,
+                    self.store.transition(old.id, JobState.FAILED, now, move=Move.SUPERSEDED, expect=old.state,
                                           reason=f"superseded by job {job.id}: late instances re-opened the series")
                     log.info("job %d superseded by job %d", old.id, job.id)
 
@@ -305,7 +304,7 @@ class Node:
             return
         candidates = self.store.related_series(pet.study_uid, pet.patient_id, pet.issuer)
         fetch = self.store.fetch(job.id) if self.retriever is not None else None
-        decision = decide(pet, candidates, now, self.settings, method=Method(job.method),
+        decision = decide(pet, candidates, now, self.settings, method=job.method,
                           listening_since=self._listening_since,
                           passed_over=self.store.passed_over(job.id), fetch=fetch)
         if decision.kind is DecisionKind.WAIT:
@@ -325,8 +324,8 @@ class Node:
             self.store.transition(job.id, JobState.FAILED, now, reason=decision.reason)
             log.warning("job %d failed: %s", job.id, decision.reason)
             return
-        method = decision.method or Method(job.method)  # the job's, or Gaussian as a fallback
-        self.store.transition(job.id, JobState.QUEUED, now, method=method.value,
+        method = decision.method or job.method  # the job's, or Gaussian as a fallback
+        self.store.transition(job.id, JobState.QUEUED, now, method=method,
                               mr_series_uid=decision.mr.series_uid if decision.mr else None,
                               reason=decision.reason or None)
         log.info("job %d queued: %s%s", job.id, method.value,
@@ -350,22 +349,21 @@ class Node:
                 log.debug("MR %s does not re-trigger PET %s: %s", mr.series_uid, pet.series_uid, why)
                 continue
             old = jobs[-1]
-            job = self.store.create_job(pet.series_uid, method=self.settings.method.name.value,
-                                        params=self.settings.dip_params().as_dict(), now=now,
+            job = self.store.create_job(pet.series_uid, method=self.settings.method.name,
+                                        params=self.settings.dip_params(), now=now,
                                         state=JobState.WAITING_FOR_MR, rerun=True)
             log.info("MR %s arrived late: job %d re-runs PET %s (job %d had no MR: %s)", mr.series_uid,
                      job.id, pet.series_uid, old.id, old.state.value)
             if old.state is JobState.QUEUED:
                 # Not started: its Gaussian result would only come second to the real one.
-                self.store.transition(old.id, JobState.FAILED, now, expect=JobState.QUEUED,
+                self.store.transition(old.id, JobState.FAILED, now, move=Move.SUPERSEDED, expect=JobState.QUEUED,
                                       reason=f"superseded by job {job.id}: an MR arrived ({mr.series_uid})")
 
     # -- a job on a worker -----------------------------------------------------------------
     def _run_job(self, job: JobRow) -> None:
         out_dir = self.outputs / f"job-{job.id}"
         shutil.rmtree(out_dir, ignore_errors=True)  # a resumed job starts its outputs afresh
-        params = DipParams(**job.params)
-        method = Method(job.method)
+        params, method = job.params, job.method
         last = [0.0]
 
         def progress(epoch: int, epochs: int, loss: float) -> None:

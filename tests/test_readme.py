@@ -212,7 +212,7 @@ def test_database_backup_and_restore_as_written(tmp_path: Path) -> None:
     finally:
         node.stop()
     for copy in (backup_cli, backup_py):
-        from dipnode.node.store import Store
+        from dipnode.node.jobs.store import Store
 
         with Store.open(copy) as s:
             assert len(s.indexed_paths()) == 3  # the WAL's commits are in the copy

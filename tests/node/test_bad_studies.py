@@ -12,7 +12,8 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from dipnode.node.store import JobState, Store
+from dipnode.node.jobs.rows import JobState
+from dipnode.node.jobs.store import Store
 from dipnode.sim.study import PhantomStudy, write_phantom_study
 from nodeproc import NodeProcess, node_settings, wait_for
 from peers import free_port, run_echoscu, run_storescu, storescu_statuses, tiny_pet_files

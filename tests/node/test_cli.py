@@ -163,7 +163,7 @@ def test_peer_and_title_mistakes_are_one_line(tmp_path: Path, argv: list[str], m
 
 
 def _node_config(tmp_path: Path) -> Path:
-    from dipnode.node.store import Store
+    from dipnode.node.jobs.store import Store
 
     cfg = tmp_path / "n.toml"
     cfg.write_text(f'[node]\nallowed_calling_aets = ["PACS"]\n[storage]\n'
@@ -232,13 +232,14 @@ def test_settings_errors_name_the_key_not_the_class(tmp_path: Path) -> None:
 
 def test_rerun_names_the_option(tmp_path: Path) -> None:
     from dipnode.models.params import preset
-    from dipnode.node.store import InstanceRecord, Store
+    from dipnode.node.jobs.rows import InstanceRecord
+    from dipnode.node.jobs.store import Store
 
     cfg = _node_config(tmp_path)
     with Store.open(tmp_path / "db.sqlite") as store:
         store.record_instance(InstanceRecord("1.2.3.4", "1.2.840.10008.5.1.4.1.1.128", tmp_path / "1.dcm",
                                              "1.2", "1.2.3", "PT", "1.2.840.10008.1.2.1"), time.time())
-        job = store.create_job("1.2.3", method="gaussian", params=preset("tiny").as_dict(), now=time.time())
+        job = store.create_job("1.2.3", method="gaussian", params=preset("tiny"), now=time.time())
     r = dipnode("rerun", str(job.id), "--fwhm", "-1", "--config", str(cfg))
     assert r.returncode == 1
     assert r.stderr == "dipnode rerun: error: --fwhm: expected a number >= 0, got -1.0\n"

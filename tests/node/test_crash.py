@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
+from dipnode.models.params import DipParams
 
 from benchmods import load_bench
 
@@ -38,7 +39,7 @@ def test_check_state_finds_a_partial_file_and_a_lost_instance(tmp_path: Path) ->
     instance missing from the index are both reported."""
     import sqlite3
 
-    from dipnode.node.store import Store
+    from dipnode.node.jobs.store import Store
 
     study = crash_soak.make_studies(tmp_path / "data", 1, slices=3, size=8, with_mr=False)[0]
     spool = tmp_path / "spool"
@@ -73,13 +74,14 @@ def test_check_state_finds_a_partial_file_and_a_lost_instance(tmp_path: Path) ->
 def _job_left_sending(tmp_path: Path, outputs: list[Path]) -> tuple[Path, int]:
     """A database as a SIGKILL leaves it between `_run_job`'s SENDING transition and the
     deliveries it adds next: the job is SENDING with its results on disk and no delivery."""
-    from dipnode.node.store import InstanceRecord, JobState, Store
+    from dipnode.node.jobs.rows import InstanceRecord, JobState
+    from dipnode.node.jobs.store import Store
 
     db = tmp_path / "dipnode.sqlite"
     with Store.open(db) as store:
         store.record_instance(InstanceRecord("1.2.3.1", "1.2.840.10008.5.1.4.1.1.128",
                                              tmp_path / "x.dcm", "1.2.3", "1.2.3.4", "PT", "1.2.840.10008.1.2.1"), 0.0)
-        job = store.create_job("1.2.3.4", method="gaussian", params={}, now=0.0)
+        job = store.create_job("1.2.3.4", method="gaussian", params=DipParams(), now=0.0)
         assert store.claim_next_queued(1.0).id == job.id
         store.transition(job.id, JobState.SENDING, 2.0, output_dir=str(outputs[0].parent))
         assert store.deliveries(job.id) == []
@@ -97,7 +99,8 @@ def _settings(tmp_path: Path, destinations: list[tuple[str, int]]):
 @pytest.mark.timeout(60)
 def test_job_killed_between_sending_and_its_deliveries_is_delivered_at_start(tmp_path: Path) -> None:
     from dipnode.node.server import Node
-    from dipnode.node.store import JobState, Store
+    from dipnode.node.jobs.rows import JobState
+    from dipnode.node.jobs.store import Store
     from peers import StorescpPeer, tiny_pet_files
 
     outputs = tiny_pet_files(tmp_path / "spool" / "outputs" / "job-1", n=3)
@@ -121,7 +124,8 @@ def test_job_killed_between_sending_and_its_deliveries_is_delivered_at_start(tmp
 @pytest.mark.timeout(60)
 def test_job_killed_between_sending_and_done_without_destinations_is_done_at_start(tmp_path: Path) -> None:
     from dipnode.node.server import Node
-    from dipnode.node.store import JobState, Store
+    from dipnode.node.jobs.rows import JobState
+    from dipnode.node.jobs.store import Store
     from peers import tiny_pet_files
 
     outputs = tiny_pet_files(tmp_path / "spool" / "outputs" / "job-1", n=2)
@@ -135,7 +139,7 @@ def test_job_killed_between_sending_and_done_without_destinations_is_done_at_sta
 
 
 def _pet_record(tmp_path: Path, n: int):
-    from dipnode.node.store import InstanceRecord
+    from dipnode.node.jobs.rows import InstanceRecord
 
     return InstanceRecord(f"1.2.3.{n}", "1.2.840.10008.5.1.4.1.1.128", tmp_path / f"{n}.dcm",
                           "1.2.3", "1.2.3.4", "PT", "1.2.840.10008.1.2.1", patient_id="P1")
@@ -143,7 +147,7 @@ def _pet_record(tmp_path: Path, n: int):
 
 def test_stable_age_does_not_count_the_time_the_node_was_down(tmp_path: Path) -> None:
     from dipnode.node.completion import complete_due
-    from dipnode.node.store import Store
+    from dipnode.node.jobs.store import Store
 
     with Store.open(tmp_path / "db.sqlite") as store:
         store.record_instance(_pet_record(tmp_path, 1), 0.0)  # then the node was down until t=100
@@ -157,7 +161,7 @@ def test_stable_age_does_not_count_the_time_the_node_was_down(tmp_path: Path) ->
 def test_rerun_supersedes_the_job_that_has_not_started(tmp_path: Path) -> None:
     from dipnode.node.server import Node
     from dipnode.node.settings import load_settings
-    from dipnode.node.store import JobState
+    from dipnode.node.jobs.rows import JobState
 
     cfg = crash_soak.write_config(tmp_path, crash_soak.free_port(),
                                   method={"name": "sdip", "preset": "tiny"})

@@ -16,7 +16,8 @@ import pydicom
 import pytest
 
 from dipnode.dicom_io.uids import derive_uid
-from dipnode.node.store import FetchState, JobState, Store
+from dipnode.node.jobs.rows import FetchState, JobState
+from dipnode.node.jobs.store import Store
 from dipnode.sim.exam import RealisticExam
 from nodeproc import NodeProcess, node_settings, wait_for
 from peers import OrthancPeer, free_port, run_storescu

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from dipnode.node.store import JobState, Store
+from dipnode.node.jobs.rows import JobState
+from dipnode.node.jobs.store import Store
 from dipnode.sim.study import PhantomStudy, write_phantom_study
 from nodeproc import NodeProcess, node_settings, wait_for
 from peers import OrthancPeer, free_port, run_storescu, storescu_statuses, tiny_pet_files

@@ -7,8 +7,9 @@ import pytest
 from dipnode.node.completion import instance_record
 from dipnode.node.server import Node
 from dipnode.node.settings import Settings
-from dipnode.node.store import JobState
+from dipnode.node.jobs.rows import JobState
 from dipnode.sim.exam import RealisticExam
+from dipnode.models.params import DipParams
 
 
 @pytest.fixture
@@ -28,7 +29,7 @@ def node(tmp_path, realistic_exam: RealisticExam):
 
 
 def _job(node: Node, exam: RealisticExam, state: JobState, *, no_mr: bool, method: str = "gaussian"):
-    job = node.store.create_job(exam.pet_series_uid, method=method, params={}, now=2.0,
+    job = node.store.create_job(exam.pet_series_uid, method=method, params=DipParams(), now=2.0,
                                 state=JobState.WAITING_FOR_MR, rerun=bool(node.store.jobs()))
     node.store.set_mr_choice(job.id, "no MR: ..." if no_mr else "chose MR ...", no_mr=no_mr, now=2.0)
     if state is not JobState.WAITING_FOR_MR:

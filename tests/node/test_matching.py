@@ -5,7 +5,7 @@ import pytest
 from dipnode.models.params import Method
 from dipnode.node.matching import DecisionKind, MatchRules, choose_mr, decide, rank_mr
 from dipnode.node.settings import Settings
-from dipnode.node.store import SeriesRow, SeriesState
+from dipnode.node.jobs.rows import SeriesRow, SeriesState
 
 
 def row(uid: str, modality: str = "MR", study: str = "S1", patient: str = "P1", **kw) -> SeriesRow:
@@ -155,7 +155,7 @@ def test_mr_wait_does_not_count_the_nodes_downtime():
 from pydicom.dataset import Dataset  # noqa: E402
 
 from dipnode.node.matching import remote_candidate  # noqa: E402
-from dipnode.node.store import FetchRow, FetchState  # noqa: E402
+from dipnode.node.jobs.rows import FetchRow, FetchState  # noqa: E402
 
 
 def exam() -> dict[str, SeriesRow]:

@@ -17,8 +17,9 @@ from dipnode.node.matching import DecisionKind, decide
 from dipnode.node.retrieval import Retriever
 from dipnode.node.server import Node
 from dipnode.node.settings import Settings
-from dipnode.node.store import FetchState, JobState
+from dipnode.node.jobs.rows import FetchState, JobState
 from dipnode.sim.exam import RealisticExam
+from dipnode.models.params import DipParams
 from peers import OrthancPeer, free_port, run_storescu
 
 pytestmark = [pytest.mark.network]
@@ -54,7 +55,7 @@ def waiting_job(node: Node, exam: RealisticExam) -> int:
         ds = pydicom.dcmread(p, stop_before_pixels=True)
         node.store.record_instance(instance_record(ds, p, str(ds.file_meta.TransferSyntaxUID)), 0.0)
     node.store.mark_series_complete(exam.pet_series_uid, 1.0)
-    job = node.store.create_job(exam.pet_series_uid, method="sdip", params={}, now=1.0,
+    job = node.store.create_job(exam.pet_series_uid, method="sdip", params=DipParams(), now=1.0,
                                 state=JobState.WAITING_FOR_MR)
     node.store.request_fetch(job.id, 1.0)
     return job.id

@@ -16,7 +16,8 @@ from dipnode.dicom_io.errors import MixedSeriesError
 from dipnode.dicom_io.series import load_volume, read_datasets
 from dipnode.node.server import Node
 from dipnode.node.settings import Settings
-from dipnode.node.store import InstanceRecord, JobState, Store
+from dipnode.node.jobs.rows import InstanceRecord, JobState
+from dipnode.node.jobs.store import Store
 from dipnode.sim.dicom_study import new_study, write_pet_series
 from nodeproc import NodeProcess, node_settings, wait_for
 from peers import StorescpPeer, free_port, run_storescu, storescu_statuses

@@ -12,7 +12,7 @@ import pydicom
 from craft import received
 from dipnode.node.server import Node
 from dipnode.node.settings import Settings
-from dipnode.node.store import JobState
+from dipnode.node.jobs.rows import JobState
 from dipnode.sim.dicom_study import new_study, write_pet_series
 
 

@@ -6,7 +6,8 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from dipnode.node.store import JobState, Store
+from dipnode.node.jobs.rows import JobState
+from dipnode.node.jobs.store import Store
 from dipnode.sim.study import PhantomStudy, write_phantom_study
 from nodeproc import NodeProcess, node_settings, wait_for
 from peers import (OrthancPeer, dciodvfy_errors, free_port, run_echoscu, run_storescu,

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from benchmods import load_bench
-from dipnode.node.store import JobState, Store
+from dipnode.node.jobs.rows import JobState
+from dipnode.node.jobs.store import Store
 from nodeproc import NodeProcess, node_settings, wait_for, write_settings
 from peers import free_port, run_storescu
 

@@ -4,10 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from dipnode.node.store import (
-    SCHEMA_VERSION, DeliveryState, InstanceRecord, JobState, SeriesState, Store, StoreError,
-    TransitionError,
-)
+from dipnode.node.jobs.rows import DeliveryState, InstanceRecord, JobState, SeriesState, StoreError, TransitionError
+from dipnode.node.jobs.schema import SCHEMA_VERSION
+from dipnode.node.jobs.store import Store
+from dipnode.models.params import DipParams
 
 
 def inst(n: int, series: str = "1.2.3.1", study: str = "1.2.3", modality: str = "PT", **kw) -> InstanceRecord:
@@ -27,7 +27,7 @@ def store(tmp_path):
 def job_for(store: Store, series: str = "1.2.3.1", now: float = 0.0, **kw):
     if store.series(series) is None:
         store.record_instance(inst(1, series), now)
-    return store.create_job(series, method="sdip", params={"alpha": 0.6}, now=now, **kw)
+    return store.create_job(series, method="sdip", params=DipParams(alpha=0.6), now=now, **kw)
 
 
 def test_schema_and_pragmas(tmp_path):
@@ -99,7 +99,7 @@ def test_a_pet_is_processed_once_unless_rerun(store):
 
 def test_job_for_unknown_series_is_refused(store):
     with pytest.raises(StoreError, match="expected known series"):
-        store.create_job("9.9", method="sdip", params={}, now=0.0)
+        store.create_job("9.9", method="sdip", params=DipParams(), now=0.0)
 
 
 def test_legal_transitions_walk_the_lifecycle(store):
@@ -150,7 +150,7 @@ def test_claim_is_atomic_across_threads_and_connections(tmp_path):
     with Store(path) as s:
         for i in range(40):
             s.record_instance(inst(1, series=f"1.2.3.{i + 10}"), 0.0)
-            s.create_job(f"1.2.3.{i + 10}", method="sdip", params={}, now=0.0)
+            s.create_job(f"1.2.3.{i + 10}", method="sdip", params=DipParams(), now=0.0)
     stores = [Store(path) for _ in range(2)]  # two connections, as two processes would have
     claimed: list[int] = []
     lock = threading.Lock()

@@ -8,10 +8,11 @@ import pydicom
 import pytest
 
 from dipnode.node.completion import instance_record
-from dipnode.node.store import (
-    _MIGRATIONS, SCHEMA_VERSION, FetchState, InstanceRecord, JobState, Store, StoreError, TransitionError,
-)
+from dipnode.node.jobs.rows import FetchState, InstanceRecord, JobState, StoreError, TransitionError
+from dipnode.node.jobs.schema import MIGRATIONS, SCHEMA_VERSION
+from dipnode.node.jobs.store import Store
 from dipnode.sim.exam import MR_SERIES
+from dipnode.models.params import DipParams
 
 
 def index(store: Store, paths, now: float = 1.0) -> None:
@@ -60,7 +61,7 @@ def store(tmp_path):
 
 
 def test_pass_over_puts_a_running_job_back_to_choose_again(store):
-    job = store.create_job("1.2.3.1", method="sdip", params={}, now=0.0, mr_series_uid=None)
+    job = store.create_job("1.2.3.1", method="sdip", params=DipParams(), now=0.0, mr_series_uid=None)
     with pytest.raises(TransitionError, match="expected state 'running'"):
         store.pass_over_mr(job.id, "9.9", "AlignmentError: bad", 1.0)
     store.claim_next_queued(1.0)
@@ -72,7 +73,7 @@ def test_pass_over_puts_a_running_job_back_to_choose_again(store):
 
 
 def test_a_retrieval_is_one_row_per_job_and_only_due_while_the_job_waits(store):
-    job = store.create_job("1.2.3.1", method="sdip", params={}, now=0.0, state=JobState.WAITING_FOR_MR)
+    job = store.create_job("1.2.3.1", method="sdip", params=DipParams(), now=0.0, state=JobState.WAITING_FOR_MR)
     first = store.request_fetch(job.id, 10.0)
     again = store.request_fetch(job.id, 20.0)  # idempotent: a restart or a second tick
     assert first == again and first.state is FetchState.QUERY and first.next_attempt_at == 10.0
@@ -93,7 +94,7 @@ def test_a_retrieval_is_one_row_per_job_and_only_due_while_the_job_waits(store):
 def test_a_version_1_database_migrates_and_keeps_its_rows(tmp_path):
     path = tmp_path / "old.sqlite"
     db = sqlite3.connect(path)
-    db.executescript(_MIGRATIONS[0])
+    db.executescript(MIGRATIONS[0])
     db.execute("INSERT INTO series (series_uid, study_uid, modality, first_received_at, last_received_at, state)"
                " VALUES ('1.2.3.1', '1.2.3', 'MR', 0, 0, 'complete')")
     db.execute("INSERT INTO jobs (pet_series_uid, state, method, params_json, created_at, updated_at, uid_seed)"
@@ -113,7 +114,7 @@ def test_a_version_1_database_migrates_and_keeps_its_rows(tmp_path):
 def test_dipnode_jobs_shows_the_choice_and_a_retrieval_under_way(store):
     from dipnode.node.admin import jobs_table
 
-    job = store.create_job("1.2.3.1", method="sdip", params={}, now=0.0, state=JobState.WAITING_FOR_MR)
+    job = store.create_job("1.2.3.1", method="sdip", params=DipParams(), now=0.0, state=JobState.WAITING_FOR_MR)
     store.request_fetch(job.id, 1.0)
     store.update_fetch(job.id, 2.0, state=FetchState.QUERY, attempts=1, next_attempt_at=30.0,
                        note="association with PACS@h:104 aborted (peer down, refused or not DICOM) (attempt 1 of 4)")

@@ -1,5 +1,8 @@
 """The node's durable state: received instances, series, jobs and deliveries in SQLite.
 
+Row types and the job lifecycle's table of moves are in rows.py, the schema and its migrations
+in schema.py; this module reads and writes them.
+
 Durability: WAL journal with ``synchronous=FULL``, so a committed transaction survives a power
 cut; foreign keys on. The schema is created or migrated at open using ``PRAGMA user_version``.
 
@@ -21,7 +24,7 @@ Series integrity: every instance of a series must agree with the series' first i
 Patient ID, Issuer of Patient ID, Study Instance UID, Frame of Reference UID and Modality. The
 first instance that does not is recorded in ``series.conflict`` (attribute names and the
 instance's UID, never patient values); such a series is no MR prior for anyone and its PET
-job fails (node/server.py), whatever else arrives.
+job fails (node/jobs/worker.py), whatever else arrives.
 """
 from __future__ import annotations
 
@@ -31,313 +34,22 @@ import sqlite3
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
-from enum import Enum
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from dipnode.models.params import PARAMS_VERSION, DipParams, Method, params_from_record, params_record
+from dipnode.node.jobs.rows import (
+    MOVES, DeliveryRow, DeliveryState, FetchRow, FetchState, InstanceRecord, JobRow, JobState,
+    PLAIN_MOVES, KnownInstance, Move, ResumeReport, SeriesRow, SeriesState, StoreError,
+    TransitionError, plain_move,
+)
+from dipnode.node.jobs.schema import SCHEMA_VERSION, migrate
+
 log = logging.getLogger(__name__)
 
-__all__ = [
-    "DeliveryRow", "DeliveryState", "FetchRow", "FetchState", "InstanceRecord", "JobRow", "JobState",
-    "KnownInstance", "ResumeReport",
-    "SeriesRow", "SeriesState", "Store", "StoreError", "TransitionError", "JOB_TRANSITIONS",
-]
+__all__ = ["Store"]
 
-
-class StoreError(ValueError):
-    """A request the store cannot honour (unknown id, bad value, newer schema)."""
-
-
-class TransitionError(StoreError):
-    """A job state change that the job lifecycle does not allow."""
-
-
-class SeriesState(str, Enum):
-    RECEIVING = "receiving"
-    COMPLETE = "complete"
-
-
-class JobState(str, Enum):
-    WAITING_FOR_MR = "waiting_for_mr"
-    QUEUED = "queued"
-    RUNNING = "running"
-    SENDING = "sending"
-    DONE = "done"
-    FAILED = "failed"
-
-    @property
-    def terminal(self) -> bool:
-        return self in (JobState.DONE, JobState.FAILED)
-
-
-# Allowed transitions. RUNNING -> QUEUED is the restart path (resume_after_restart); DONE and
-# FAILED are final for transition(): a re-send goes through reset_dead(), a re-run is a new job.
-JOB_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
-    JobState.WAITING_FOR_MR: frozenset({JobState.QUEUED, JobState.FAILED}),
-    JobState.QUEUED: frozenset({JobState.RUNNING, JobState.FAILED}),
-    # RUNNING -> WAITING_FOR_MR: the MR failed to load or register and is passed over
-    # (pass_over_mr), so that the job chooses again rather than failing while another MR exists.
-    JobState.RUNNING: frozenset({JobState.SENDING, JobState.QUEUED, JobState.FAILED, JobState.WAITING_FOR_MR}),
-    JobState.SENDING: frozenset({JobState.DONE, JobState.FAILED}),
-    JobState.DONE: frozenset(),
-    JobState.FAILED: frozenset(),
-}
-
-
-class DeliveryState(str, Enum):
-    PENDING = "pending"
-    SENT = "sent"
-    DEAD = "dead"
-
-
-@dataclass(frozen=True)
-class InstanceRecord:
-    """What the SCP knows about one stored instance, from its header (no pixels)."""
-
-    sop_instance_uid: str
-    sop_class_uid: str
-    path: Path
-    study_uid: str
-    series_uid: str
-    modality: str
-    transfer_syntax: str
-    patient_id: str = ""
-    issuer_of_patient_id: str = ""
-    series_description: str = ""
-    frame_of_reference_uid: str = ""
-    mr_acquisition_type: str = ""  # (0018,0023): "2D" / "3D"
-    slice_thickness: float | None = None
-    study_date: str = ""  # DA, YYYYMMDD
-    series_date: str = ""
-    # From completion.expected_count(): PET Number of Slices (x time slices / gates),
-    # else Images in Acquisition; None where the header does not say.
-    expected_count: int | None = None
-    # Header facts for MR choice (matching.py), recorded per series as instances arrive:
-    image_type: str = ""  # Image Type (0008,0008) values joined by "\\"
-    orientation: tuple[float, ...] | None = None  # Image Orientation (Patient), 6 cosines
-    position: tuple[float, float, float] | None = None  # Image Position (Patient), mm
-
-
-@dataclass(frozen=True)
-class SeriesRow:
-    series_uid: str
-    study_uid: str
-    patient_id: str
-    issuer: str
-    modality: str
-    series_description: str
-    frame_of_reference_uid: str
-    mr_acquisition_type: str
-    slice_thickness: float | None
-    study_date: str
-    series_date: str
-    expected_count: int | None
-    instance_count: int
-    first_received_at: float
-    last_received_at: float
-    completed_at: float | None
-    state: SeriesState
-    late_instances: int
-    # Header facts (migration 3): the first instance's Image Type; whether instances carry
-    # more than one Image Orientation (a localizer) or repeat a position (b-values, echoes).
-    image_type: str = ""
-    orientations_mixed: bool = False
-    positions_repeated: bool = False
-    # The first instance that disagreed with the series (see module docstring), or None.
-    conflict: str | None = None
-
-
-@dataclass(frozen=True)
-class KnownInstance:
-    """An indexed instance: where it is and which series it belongs to."""
-
-    sop_instance_uid: str
-    series_uid: str
-    path: Path
-    transfer_syntax: str
-
-
-@dataclass(frozen=True)
-class JobRow:
-    id: int
-    pet_series_uid: str
-    mr_series_uid: str | None
-    state: JobState
-    progress: float
-    reason: str | None
-    method: str
-    params_json: str
-    created_at: float
-    updated_at: float
-    attempts: int
-    rerun_of: int | None
-    output_dir: str | None
-    uid_seed: str
-    # Migration 2: why this MR was chosen and which were passed over (matching.py explains);
-    # no_mr: the job fell back or failed for lack of a usable MR (a late MR re-triggers it).
-    mr_choice: str | None = None
-    no_mr: bool = False
-
-    @property
-    def params(self) -> dict[str, Any]:
-        return json.loads(self.params_json)
-
-
-@dataclass(frozen=True)
-class DeliveryRow:
-    job_id: int
-    destination: str  # "AET@HOST:PORT"
-    state: DeliveryState
-    attempts: int
-    next_attempt_at: float
-    last_error: str | None
-
-
-class FetchState(str, Enum):
-    """A retrieval of a job's MR from the sources (node/retrieval.py)."""
-
-    QUERY = "query"  # due: query the sources (or retry retrieving ``series_uid``)
-    RETRIEVED = "retrieved"  # ``series_uid`` is in the index; matching takes it from there
-    EXHAUSTED = "exhausted"  # no (further) eligible MR at any source
-    FAILED = "failed"  # the sources failed beyond the retry policy
-
-    @property
-    def terminal(self) -> bool:
-        return self in (FetchState.EXHAUSTED, FetchState.FAILED)
-
-
-@dataclass(frozen=True)
-class FetchRow:
-    job_id: int
-    state: FetchState
-    attempts: int
-    next_attempt_at: float
-    source: str | None  # "AET@HOST:PORT" of the source holding series_uid
-    study_uid: str | None
-    series_uid: str | None  # the series being (or last) retrieved
-    note: str | None  # what happened last, in words (the job's reason quotes it)
-    created_at: float
-    updated_at: float
-
-
-@dataclass(frozen=True)
-class ResumeReport:
-    """What resume_after_restart changed: jobs put back in the queue, jobs still sending."""
-
-    requeued: tuple[int, ...]
-    sending: tuple[int, ...]
-    deliveries_due: int
-
-
-_MIGRATIONS: tuple[str, ...] = (
-    # 1: initial schema.
-    """
-    CREATE TABLE series (
-        series_uid TEXT PRIMARY KEY,
-        study_uid TEXT NOT NULL,
-        patient_id TEXT NOT NULL DEFAULT '',
-        issuer TEXT NOT NULL DEFAULT '',
-        modality TEXT NOT NULL,
-        series_description TEXT NOT NULL DEFAULT '',
-        frame_of_reference_uid TEXT NOT NULL DEFAULT '',
-        mr_acquisition_type TEXT NOT NULL DEFAULT '',
-        slice_thickness REAL,
-        study_date TEXT NOT NULL DEFAULT '',
-        series_date TEXT NOT NULL DEFAULT '',
-        expected_count INTEGER,
-        instance_count INTEGER NOT NULL DEFAULT 0,
-        first_received_at REAL NOT NULL,
-        last_received_at REAL NOT NULL,
-        completed_at REAL,
-        state TEXT NOT NULL CHECK (state IN ('receiving', 'complete')),
-        late_instances INTEGER NOT NULL DEFAULT 0
-    );
-    CREATE INDEX series_patient ON series (patient_id, issuer);
-    CREATE INDEX series_study ON series (study_uid);
-    CREATE INDEX series_state ON series (state);
-    CREATE TABLE instances (
-        sop_instance_uid TEXT PRIMARY KEY,
-        sop_class_uid TEXT NOT NULL,
-        path TEXT NOT NULL,
-        study_uid TEXT NOT NULL,
-        series_uid TEXT NOT NULL REFERENCES series (series_uid),
-        patient_id TEXT NOT NULL DEFAULT '',
-        issuer_of_patient_id TEXT NOT NULL DEFAULT '',
-        modality TEXT NOT NULL,
-        received_at REAL NOT NULL,
-        transfer_syntax TEXT NOT NULL
-    );
-    CREATE INDEX instances_series ON instances (series_uid);
-    CREATE TABLE jobs (
-        id INTEGER PRIMARY KEY,
-        pet_series_uid TEXT NOT NULL REFERENCES series (series_uid),
-        mr_series_uid TEXT REFERENCES series (series_uid),
-        state TEXT NOT NULL,
-        progress REAL NOT NULL DEFAULT 0 CHECK (progress BETWEEN 0 AND 1),
-        reason TEXT,
-        method TEXT NOT NULL,
-        params_json TEXT NOT NULL,
-        created_at REAL NOT NULL,
-        updated_at REAL NOT NULL,
-        attempts INTEGER NOT NULL DEFAULT 0,
-        rerun_of INTEGER REFERENCES jobs (id),
-        output_dir TEXT,
-        uid_seed TEXT NOT NULL
-    );
-    -- A PET is processed once: only re-runs (rerun_of set) may add jobs for the same series.
-    CREATE UNIQUE INDEX jobs_first_run ON jobs (pet_series_uid) WHERE rerun_of IS NULL;
-    CREATE INDEX jobs_state ON jobs (state, id);
-    CREATE TABLE deliveries (
-        job_id INTEGER NOT NULL REFERENCES jobs (id),
-        destination TEXT NOT NULL,
-        state TEXT NOT NULL CHECK (state IN ('pending', 'sent', 'dead')),
-        attempts INTEGER NOT NULL DEFAULT 0,
-        next_attempt_at REAL NOT NULL,
-        last_error TEXT,
-        UNIQUE (job_id, destination)
-    );
-    CREATE INDEX deliveries_due ON deliveries (state, next_attempt_at);
-    """,
-    # 2: series integrity: the first instance that disagreed with the series.
-    """
-    ALTER TABLE series ADD COLUMN conflict TEXT;
-    """,
-    # 3: MR choice and retrieval (issue 9). Header facts per series, kept up to date as
-    # instances arrive (record_instance -> _record_mr_facts); the choice explained on the job;
-    # MR series a job passed over (failed to load or register); retrievals from the PACS.
-    """
-    ALTER TABLE series ADD COLUMN image_type TEXT NOT NULL DEFAULT '';
-    ALTER TABLE series ADD COLUMN orientation TEXT NOT NULL DEFAULT '';
-    ALTER TABLE series ADD COLUMN orientations_mixed INTEGER NOT NULL DEFAULT 0;
-    ALTER TABLE series ADD COLUMN positions_repeated INTEGER NOT NULL DEFAULT 0;
-    ALTER TABLE instances ADD COLUMN position TEXT;
-    CREATE INDEX instances_position ON instances (series_uid, position);
-    ALTER TABLE jobs ADD COLUMN mr_choice TEXT;
-    ALTER TABLE jobs ADD COLUMN no_mr INTEGER NOT NULL DEFAULT 0;
-    CREATE TABLE mr_passed_over (
-        job_id INTEGER NOT NULL REFERENCES jobs (id),
-        series_uid TEXT NOT NULL,
-        reason TEXT NOT NULL,
-        at REAL NOT NULL,
-        PRIMARY KEY (job_id, series_uid)
-    );
-    CREATE TABLE fetches (
-        job_id INTEGER PRIMARY KEY REFERENCES jobs (id),
-        state TEXT NOT NULL CHECK (state IN ('query', 'retrieved', 'exhausted', 'failed')),
-        attempts INTEGER NOT NULL DEFAULT 0,
-        next_attempt_at REAL NOT NULL,
-        source TEXT,
-        study_uid TEXT,
-        series_uid TEXT,
-        note TEXT,
-        created_at REAL NOT NULL,
-        updated_at REAL NOT NULL
-    );
-    CREATE INDEX fetches_due ON fetches (state, next_attempt_at);
-    """,
-)
-SCHEMA_VERSION = len(_MIGRATIONS)
 
 class Store:
     """The SQLite-backed index and job store. Use as a context manager or call close()."""
@@ -392,19 +104,7 @@ class Store:
 
     def _migrate(self) -> None:
         with self._tx() as db:
-            version = db.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise StoreError(
-                    f"database {str(self.path)!r}: expected schema version <= {SCHEMA_VERSION}, "
-                    f"got {version} (written by a newer dipnode)"
-                )
-            for n in range(version, SCHEMA_VERSION):
-                for stmt in _MIGRATIONS[n].split(";"):
-                    if stmt.strip():
-                        db.execute(stmt)
-                log.info("database %s migrated to schema version %d", self.path, n + 1)
-            # PRAGMA takes no parameters; the value is our own integer.
-            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            migrate(db, self.path)
 
     @property
     def schema_version(self) -> int:
@@ -542,8 +242,8 @@ class Store:
         self,
         pet_series_uid: str,
         *,
-        method: str,
-        params: dict[str, Any],
+        method: Method | str,
+        params: DipParams,
         now: float,
         mr_series_uid: str | None = None,
         state: JobState = JobState.QUEUED,
@@ -559,7 +259,8 @@ class Store:
         """
         if state not in (JobState.QUEUED, JobState.WAITING_FOR_MR):
             raise StoreError(f"create_job: expected state queued or waiting_for_mr, got {state.value!r}")
-        params_json = json.dumps(params, sort_keys=True)
+        method = _method(method, "create_job")
+        params_json = _params_json(params, "create_job")
         with self._tx() as db:
             latest = db.execute(
                 "SELECT * FROM jobs WHERE pet_series_uid = ? ORDER BY id DESC LIMIT 1", (pet_series_uid,)
@@ -568,10 +269,10 @@ class Store:
                 return _job(latest)
             try:
                 cur = db.execute(
-                    "INSERT INTO jobs (pet_series_uid, mr_series_uid, state, method, params_json, created_at,"
-                    " updated_at, rerun_of, output_dir, uid_seed) VALUES (?,?,?,?,?,?,?,?,?, '')",
-                    (pet_series_uid, mr_series_uid, state.value, method, params_json, now, now,
-                     latest["id"] if latest is not None else None, output_dir),
+                    "INSERT INTO jobs (pet_series_uid, mr_series_uid, state, method, params_json, params_version,"
+                    " created_at, updated_at, rerun_of, output_dir, uid_seed) VALUES (?,?,?,?,?,?,?,?,?,?, '')",
+                    (pet_series_uid, mr_series_uid, state.value, method.value, params_json, PARAMS_VERSION,
+                     now, now, latest["id"] if latest is not None else None, output_dir),
                 )
             except sqlite3.IntegrityError as e:
                 raise StoreError(
@@ -606,51 +307,78 @@ class Store:
         new_state: JobState,
         now: float,
         *,
+        move: Move | None = None,
         progress: float | None = None,
         reason: str | None = None,
         mr_series_uid: str | None = None,
-        method: str | None = None,
-        params: dict[str, Any] | None = None,
+        method: Method | None = None,
+        params: DipParams | None = None,
         output_dir: str | None = None,
         expect: JobState | None = None,
     ) -> JobRow:
-        """Move a job to ``new_state`` in one transaction, validating the lifecycle.
+        """Move a job to ``new_state`` in one transaction, by ``move`` (default: the plain move
+        between the two states, rows.PLAIN_MOVES), validated against the lifecycle table.
 
         FAILED requires a reason. Leaving WAITING_FOR_MR may set the MR and the method (a
         Gaussian fallback changes the method). ``expect`` guards against a concurrent change.
         """
         new_state = JobState(new_state)
-        if progress is not None and not 0.0 <= progress <= 1.0:
-            raise StoreError(f"transition: expected progress in [0, 1], got {progress!r}")
-        if new_state is JobState.FAILED and not reason:
-            raise StoreError("transition: expected a reason for the failed state, got none")
+        if move is not None and move not in (*PLAIN_MOVES, Move.SUPERSEDED):
+            raise TransitionError(f"transition: move {move.value} is made by its own store method only")
         with self._tx() as db:
-            row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
-            if row is None:
-                raise StoreError(f"transition: expected an existing job id, got {job_id!r}")
-            old = JobState(row["state"])
-            if expect is not None and old is not expect:
-                raise TransitionError(f"job {job_id}: expected state {expect.value!r}, got {old.value!r}")
-            if new_state not in JOB_TRANSITIONS[old]:
-                allowed = sorted(s.value for s in JOB_TRANSITIONS[old])
-                raise TransitionError(
-                    f"job {job_id}: {old.value} -> {new_state.value} is not allowed; expected one of {allowed}"
-                )
-            if progress is None:
-                # DONE is complete; back in the queue the work restarts; otherwise keep it.
-                progress = {JobState.DONE: 1.0, JobState.QUEUED: 0.0}.get(new_state, row["progress"])
-            db.execute(
-                "UPDATE jobs SET state = ?, progress = ?, reason = coalesce(?, reason), updated_at = ?,"
-                " mr_series_uid = coalesce(?, mr_series_uid), method = coalesce(?, method),"
-                " params_json = coalesce(?, params_json), output_dir = coalesce(?, output_dir),"
-                " attempts = attempts + ? WHERE id = ?",
-                (new_state.value, progress, reason, now, mr_series_uid, method,
-                 None if params is None else json.dumps(params, sort_keys=True), output_dir,
-                 int(new_state is JobState.RUNNING), job_id),
-            )
-            out = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        log.debug("job %d: %s -> %s", job_id, old.value, new_state.value)
-        return _job(out)
+            row = self._move(db, job_id, now, move=move, new_state=new_state, expect=expect,
+                             progress=progress, reason=reason, mr_series_uid=mr_series_uid,
+                             method=method, params=params, output_dir=output_dir)
+        return _job(row)
+
+    def _move(self, db: sqlite3.Connection, job_id: int, now: float, *, move: Move | None,
+              new_state: JobState | None = None, expect: JobState | None = None,
+              progress: float | None = None, reason: str | None = None,
+              mr_series_uid: str | None = None, clear_mr: bool = False,
+              method: Method | None = None, params: DipParams | None = None,
+              output_dir: str | None = None, caller: str = "transition") -> sqlite3.Row:
+        """The one place a job's state changes (inside the caller's transaction): checks the
+        move against rows.MOVES and writes the new state with what the move sets."""
+        if progress is not None and not 0.0 <= progress <= 1.0:
+            raise StoreError(f"{caller}: expected progress in [0, 1], got {progress!r}")
+        row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise StoreError(f"{caller}: expected an existing job id, got {job_id!r}")
+        old = JobState(row["state"])
+        if expect is not None and old is not expect:
+            raise TransitionError(f"job {job_id}: expected state {expect.value!r}, got {old.value!r}")
+        if move is None:
+            move = plain_move(old, new_state) if new_state is not None else None
+            if move is None:
+                allowed = sorted({MOVES[m][1].value for m in MOVES if old in MOVES[m][0]})
+                raise TransitionError(f"job {job_id}: {old.value} -> {new_state.value if new_state else '?'} "
+                                      f"is not allowed; expected one of {allowed}")
+        sources, target = MOVES[move]
+        if new_state is not None and new_state is not target:
+            raise TransitionError(f"job {job_id}: move {move.value} enters {target.value}, not {new_state.value}")
+        if old not in sources:
+            raise TransitionError(f"job {job_id}: {old.value} -> {target.value} ({move.value}) is not allowed; "
+                                  f"{move.value} leaves from {sorted(s.value for s in sources)}")
+        if target is JobState.FAILED and not reason:
+            raise StoreError(f"{caller}: expected a reason for the failed state, got none")
+        if progress is None:
+            # DONE is complete; back in the queue or choosing again the work restarts; a
+            # claimed job starts at 0; otherwise keep it.
+            progress = {JobState.DONE: 1.0, JobState.QUEUED: 0.0, JobState.WAITING_FOR_MR: 0.0,
+                        JobState.RUNNING: 0.0}.get(target, row["progress"])
+        db.execute(
+            "UPDATE jobs SET state = ?, progress = ?, reason = CASE WHEN ? THEN NULL ELSE coalesce(?, reason) END,"
+            " updated_at = ?, mr_series_uid = CASE WHEN ? THEN NULL ELSE coalesce(?, mr_series_uid) END,"
+            " method = coalesce(?, method), params_json = coalesce(?, params_json),"
+            " params_version = CASE WHEN ? IS NULL THEN params_version ELSE ? END,"
+            " output_dir = coalesce(?, output_dir), attempts = attempts + ? WHERE id = ?",
+            (target.value, progress, move is Move.RESENT, reason, now, clear_mr, mr_series_uid,
+             None if method is None else _method(method, caller).value,
+             None if params is None else _params_json(params, caller),
+             None if params is None else 1, PARAMS_VERSION, output_dir, int(move is Move.CLAIMED), job_id),
+        )
+        log.debug("job %d: %s -> %s (%s)", job_id, old.value, target.value, move.value)
+        return db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
 
     def set_progress(self, job_id: int, progress: float, now: float) -> None:
         """Progress of a running job (no state change)."""
@@ -665,21 +393,20 @@ class Store:
     def claim_next_queued(self, now: float) -> JobRow | None:
         """Atomically move the oldest QUEUED job to RUNNING and return it (None if none)."""
         with self._tx() as db:
-            row = db.execute(
-                "UPDATE jobs SET state = 'running', attempts = attempts + 1, progress = 0, updated_at = ?"
-                " WHERE id = (SELECT id FROM jobs WHERE state = 'queued' ORDER BY id LIMIT 1) RETURNING *",
-                (now,),
-            ).fetchone()
-        return None if row is None else _job(row)
+            row = db.execute("SELECT id FROM jobs WHERE state = 'queued' ORDER BY id LIMIT 1").fetchone()
+            if row is None:
+                return None
+            out = self._move(db, row["id"], now, move=Move.CLAIMED, caller="claim_next_queued")
+        return _job(out)
 
     def resume_after_restart(self, now: float) -> ResumeReport:
         """After a crash or restart: RUNNING jobs go back to QUEUED (their work was lost);
         SENDING jobs stay, and their pending deliveries are due now."""
         with self._tx() as db:
-            requeued = tuple(r[0] for r in db.execute(
-                "UPDATE jobs SET state = 'queued', progress = 0, updated_at = ? WHERE state = 'running' RETURNING id",
-                (now,),
-            ).fetchall())
+            running = [r[0] for r in db.execute("SELECT id FROM jobs WHERE state = 'running' ORDER BY id")]
+            for job_id in running:
+                self._move(db, job_id, now, move=Move.RESTART_REQUEUED, caller="resume_after_restart")
+            requeued = tuple(running)
             sending = tuple(r[0] for r in db.execute("SELECT id FROM jobs WHERE state = 'sending' ORDER BY id"))
             due = db.execute(
                 "UPDATE deliveries SET next_attempt_at = min(next_attempt_at, ?) WHERE state = 'pending'"
@@ -688,7 +415,7 @@ class Store:
             ).rowcount
         if requeued:
             log.info("re-queued jobs interrupted by a restart: %s", list(requeued))
-        return ResumeReport(tuple(sorted(requeued)), sending, due)
+        return ResumeReport(requeued, sending, due)
 
     # -- deliveries -------------------------------------------------------------------------
 
@@ -769,28 +496,25 @@ class Store:
                 " ORDER BY destination",
                 (job_id,),
             )]
-            db.execute(
-                "UPDATE jobs SET state = 'failed', reason = ?, updated_at = ? WHERE id = ?",
-                ("delivery failed: " + "; ".join(dead), now, job_id),
-            )
+            self._move(db, job_id, now, move=Move.DELIVERY_FAILED, reason="delivery failed: " + "; ".join(dead),
+                       caller="delivery_result")
         else:
-            db.execute("UPDATE jobs SET state = 'done', progress = 1, updated_at = ? WHERE id = ?", (now, job_id))
+            self._move(db, job_id, now, move=Move.DELIVERED, caller="delivery_result")
 
     def reset_dead(self, job_id: int, now: float) -> int:
         """Re-send: dead deliveries become pending and due now (attempts restart at 0); a job
-        that failed only in delivery goes back to SENDING. Returns the number reset."""
+        that failed in delivery goes back to SENDING (Move.RESENT). Returns the number reset."""
         with self._tx() as db:
             n = db.execute(
                 "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = ?, last_error = NULL"
                 " WHERE job_id = ? AND state = 'dead'",
                 (now, job_id),
             ).rowcount
-            if n:
-                db.execute(
-                    "UPDATE jobs SET state = 'sending', reason = NULL, updated_at = ?"
-                    " WHERE id = ? AND state = 'failed'",
-                    (now, job_id),
-                )
+            row = db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            # Dead deliveries exist only once a job was SENDING: a FAILED job with some failed in
+            # delivery (a SENDING one still has others pending and settles by itself).
+            if n and row is not None and row["state"] == JobState.FAILED.value:
+                self._move(db, job_id, now, move=Move.RESENT, caller="reset_dead")
         return n
 
     # -- MR choice and retrieval (migration 3) ----------------------------------------------
@@ -818,9 +542,7 @@ class Store:
                                       f"got {row['state']!r}")
             db.execute("INSERT OR REPLACE INTO mr_passed_over (job_id, series_uid, reason, at) VALUES (?,?,?,?)",
                        (job_id, series_uid, reason[:2000], now))
-            db.execute("UPDATE jobs SET state = 'waiting_for_mr', mr_series_uid = NULL, progress = 0,"
-                       " updated_at = ? WHERE id = ?", (now, job_id))
-            out = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            out = self._move(db, job_id, now, move=Move.MR_PASSED_OVER, clear_mr=True, caller="pass_over_mr")
         log.debug("job %d: MR %s passed over", job_id, series_uid)
         return _job(out)
 
@@ -943,11 +665,29 @@ def _series(r: sqlite3.Row) -> SeriesRow:
     return SeriesRow(**v)
 
 
+def _method(method: Method | str, caller: str) -> Method:
+    try:
+        return Method(method)
+    except ValueError:
+        raise StoreError(f"{caller}: expected a method in {[m.value for m in Method]}, got {method!r}") from None
+
+
+def _params_json(params: DipParams, caller: str) -> str:
+    if not isinstance(params, DipParams):
+        raise StoreError(f"{caller}: expected DipParams, got {type(params).__name__}")
+    return json.dumps(params_record(params), sort_keys=True)
+
+
 def _job(r: sqlite3.Row) -> JobRow:
-    v = {f.name: r[f.name] for f in fields(JobRow)}
+    try:
+        method = Method(r["method"])
+        params = params_from_record(json.loads(r["params_json"]), r["params_version"])
+    except ValueError as exc:
+        raise StoreError(f"job {r['id']}: its method or parameters cannot be read ({exc})") from None
+    v = {f.name: r[f.name] for f in fields(JobRow) if f.name not in ("method", "params")}
     v["state"] = JobState(v["state"])
     v["no_mr"] = bool(v["no_mr"])
-    return JobRow(**v)
+    return JobRow(**v, method=method, params=params)
 
 
 def _fetch(r: sqlite3.Row) -> FetchRow:

@@ -1,0 +1,1 @@
+"""Jobs: the durable store, PET/MR matching, fetching a prior MR, the pipeline, and where jobs run."""
