@@ -42,8 +42,10 @@ from typing import Any
 
 import numpy as np
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from dipnode.sim.crafted import pet_dataset
 
 ORTHANC = "/usr/sbin/Orthanc"
 LOOPBACK = "127.0.0.1"
@@ -258,9 +260,6 @@ class OrthancPeer:
         self.stop()
 
 
-PET_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.128"
-
-
 def tiny_pet_files(folder: Path, n: int = 3,
                    transfer_syntax: str = ExplicitVRLittleEndian) -> list[Path]:
     """Write ``n`` 8x8 PET slices of one new study/series to ``folder``; return the paths.
@@ -272,30 +271,10 @@ def tiny_pet_files(folder: Path, n: int = 3,
     study, series, frame = generate_uid(), generate_uid(), generate_uid()
     paths = []
     for i in range(n):
-        ds = Dataset()
-        ds.SOPClassUID = PET_IMAGE_STORAGE
-        ds.SOPInstanceUID = generate_uid()
-        ds.StudyInstanceUID = study
-        ds.SeriesInstanceUID = series
-        ds.FrameOfReferenceUID = frame
-        ds.PatientID = "TEST-0001"
-        ds.PatientName = "Test^Wire"
-        ds.Modality = "PT"
-        ds.InstanceNumber = i + 1
-        ds.ImagePositionPatient = [0.0, 0.0, float(2 * i)]
-        ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
-        ds.PixelSpacing = [2.0, 2.0]
-        ds.SliceThickness = 2.0
-        ds.Units = "BQML"
-        ds.RescaleSlope = 1.0
-        ds.RescaleIntercept = 0.0
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.Rows = ds.Columns = 8
-        ds.BitsAllocated = ds.BitsStored = 16
-        ds.HighBit = 15
-        ds.PixelRepresentation = 0
-        ds.PixelData = (np.arange(64, dtype=np.uint16) * (i + 1)).tobytes()
+        ds = pet_dataset(StudyInstanceUID=study, SeriesInstanceUID=series, FrameOfReferenceUID=frame,
+                         PatientID="TEST-0001", PatientName="Test^Wire", InstanceNumber=i + 1,
+                         ImagePositionPatient=[0.0, 0.0, float(2 * i)],
+                         PixelData=(np.arange(64, dtype=np.uint16) * (i + 1)).tobytes())
         meta = FileMetaDataset()
         meta.MediaStorageSOPClassUID = ds.SOPClassUID
         meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID

@@ -54,15 +54,24 @@ __all__ = ["Store"]
 class Store:
     """The SQLite-backed index and job store. Use as a context manager or call close()."""
 
-    def __init__(self, path: Path, *, busy_timeout_s: float = 30.0) -> None:
+    def __init__(self, path: Path, *, busy_timeout_s: float = 30.0, readonly: bool = False) -> None:
         self.path = Path(path)
+        self.readonly = readonly
         self._lock = threading.RLock()
         # isolation_level=None: we issue BEGIN/COMMIT ourselves, so a transaction is exactly
         # one method call. check_same_thread=False: the lock, not the thread, guards the connection.
-        self._db = sqlite3.connect(
-            str(self.path), timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
-        )
+        # Read-only: SQLite's own mode=ro, so a write fails in SQLite rather than by convention.
+        target = f"file:{self.path}?mode=ro" if readonly else str(self.path)
+        self._db = sqlite3.connect(target, timeout=busy_timeout_s, isolation_level=None,
+                                   check_same_thread=False, uri=readonly)
         self._db.row_factory = sqlite3.Row
+        if readonly:
+            version = self.schema_version
+            if version != SCHEMA_VERSION:
+                self._db.close()
+                raise StoreError(f"database {str(self.path)!r}: expected schema version {SCHEMA_VERSION} "
+                                 f"to read it, got {version} (open it once with this dipnode's node)")
+            return
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
@@ -74,6 +83,14 @@ class Store:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         return cls(path)
+
+    @classmethod
+    def open_readonly(cls, path: Path, *, busy_timeout_s: float = 30.0) -> "Store":
+        """A view of an existing database for tools and checks (the soak harness, a second
+        process while the node runs): no migration, and SQLite refuses every write."""
+        if not Path(path).is_file():
+            raise StoreError(f"database {str(path)!r}: expected an existing file to read")
+        return cls(path, busy_timeout_s=busy_timeout_s, readonly=True)
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -109,6 +126,10 @@ class Store:
     @property
     def schema_version(self) -> int:
         return int(self._query("PRAGMA user_version")[0][0])
+
+    def integrity_check(self) -> str:
+        """SQLite's ``PRAGMA integrity_check``: ``"ok"``, or what it found."""
+        return "; ".join(str(r[0]) for r in self._query("PRAGMA integrity_check"))
 
     # -- instances and series ---------------------------------------------------------------
 
@@ -207,6 +228,10 @@ class Store:
     def indexed_paths(self) -> set[Path]:
         """Every instance path in the index (start-up uses it to find unindexed spool files)."""
         return {Path(r[0]) for r in self._query("SELECT path FROM instances")}
+
+    def indexed_instances(self) -> dict[str, Path]:
+        """Every indexed instance: SOP Instance UID -> spool path."""
+        return {r[0]: Path(r[1]) for r in self._query("SELECT sop_instance_uid, path FROM instances")}
 
     def incomplete_series(self) -> list[SeriesRow]:
         rows = self._query("SELECT * FROM series WHERE state = 'receiving' ORDER BY first_received_at")

@@ -1,4 +1,4 @@
-"""Hostile and buggy peers against a real `dipnode serve` (bench/hostile.py holds the attacks):
+"""Hostile and buggy peers against a real `dipnode serve` (tests/harness/hostile.py holds the attacks):
 each attack gets its answer (a named status, a rejection with its reason, or a closed
 connection), and after each the node still serves (C-ECHO + a DCMTK storescu store) and
 restarts on the same spool. Header values are also fuzzed with hypothesis over the wire.
@@ -15,12 +15,10 @@ from hypothesis import strategies as st
 from pydicom.dataelem import RawDataElement
 from pydicom.tag import Tag
 
-from benchmods import load_bench
+from harness import hostile
 from dipnode.sim.crafted import file_bytes, pet_dataset, write_file
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
-
-hostile = load_bench("hostile")
 
 
 @pytest.fixture(scope="module")

@@ -8,15 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from benchmods import load_bench
 from dipnode.node.jobs.rows import JobState
 from dipnode.node.jobs.store import Store
+from harness.soak import make_studies
 from nodeproc import NodeProcess, node_settings, wait_for, write_settings
 from peers import free_port, run_storescu
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
-
-soak = load_bench("crash_soak")
 
 
 def _serve(cfg: Path) -> subprocess.CompletedProcess[str]:
@@ -32,7 +30,7 @@ def _job(db: Path):
 
 @pytest.mark.timeout(300)
 def test_second_serve_on_the_same_spool_or_database_refuses(tmp_path: Path) -> None:
-    [study] = soak.make_studies(tmp_path / "data", 1, slices=8, size=16)
+    [study] = make_studies(tmp_path / "data", 1, slices=8, size=16)
     port = free_port()
     # A long fit so that the first node's job is RUNNING throughout.
     cfg = node_settings(tmp_path, port=port, method={"epochs": 2000},

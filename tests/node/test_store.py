@@ -262,3 +262,19 @@ def test_dead_delivery_fails_job_and_reset_dead_resends(store):
 def test_open_creates_the_folder(tmp_path):
     with Store.open(tmp_path / "var" / "lib" / "db.sqlite") as s:
         assert s.schema_version == SCHEMA_VERSION
+
+
+def test_a_read_only_store_reads_beside_the_writer_and_writes_nothing(tmp_path):
+    # The soak/load harness and tools read the node's database through this, never raw SQL.
+    path = tmp_path / "ro.sqlite"
+    with pytest.raises(StoreError, match="expected an existing file"):
+        Store.open_readonly(path)
+    with Store(path) as writer:
+        j = job_for(writer)
+        with Store.open_readonly(path) as reader:
+            assert reader.job(j.id) == j and reader.integrity_check() == "ok"
+            assert reader.indexed_instances() == {"1.2.3.1.1": Path("/spool/1.2.3.1/1.dcm")}
+            with pytest.raises(sqlite3.OperationalError, match="readonly"):
+                reader.create_job("1.2.3.1", method="sdip", params=DipParams(), now=1.0, rerun=True)
+            writer.transition(j.id, JobState.RUNNING, 2.0)  # the writer goes on meanwhile
+            assert reader.job(j.id).state is JobState.RUNNING
