@@ -319,8 +319,8 @@ def cmd_denoise(args: argparse.Namespace) -> int:
         say(f"{method.value}: preset {preset_name}{'' if args.preset else ' (the default; --preset paper for the paper settings)'}, "
             f"{params.epochs} epochs on {device}; reading the series and registering the MR first")
     try:
-        pet_paths = pipeline.files_under(args.pet_dir)
-        mr_paths = pipeline.files_under(args.mr_dir) if args.mr_dir is not None else None
+        pet_paths = files_under(args.pet_dir)
+        mr_paths = files_under(args.mr_dir) if args.mr_dir is not None else None
         bar = FitProgress(params.epochs, method.value.upper(), device) if method.needs_mr else None
         try:
             result = pipeline.run(pet_paths, mr_paths, args.out, method=method, params=params,
@@ -335,6 +335,16 @@ def cmd_denoise(args: argparse.Namespace) -> int:
     print(f"wrote {len(result.pet_files)} derived PET files{maps} to {args.out}: "
           + ", ".join(f"{f.relative_to(args.out)}/" for f in folders))
     return 0
+
+
+def files_under(path: Path) -> list[Path]:
+    """The files a PATH argument names: the file itself, or every file below a folder (without
+    loading the pipeline, so that `dipnode send` does not import torch)."""
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise UserError(f"{path}: no such file or folder")
+    return sorted(p for p in path.rglob("*") if p.is_file())
 
 
 def _destination(text: str, name: str, calling_ae: str):
@@ -354,13 +364,9 @@ def _destination(text: str, name: str, calling_ae: str):
 
 def cmd_send(args: argparse.Namespace) -> int:
     from dipnode.dicom_io.scu import send_files
-    from dipnode.node.pipeline import files_under
 
     dest = _destination(args.to, "--to", args.aet)
-    try:
-        paths = [p for root in args.paths for p in files_under(root)]
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
+    paths = [p for root in args.paths for p in files_under(root)]
     bar = tqdm(total=len(paths), desc=f"send to {dest.ae_title}", unit="file", file=sys.stderr,
                disable=None)  # None: off when stderr is not a terminal
     report = send_files(paths, dest, calling_ae=args.aet, progress=lambda *_: bar.update(1))

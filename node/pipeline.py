@@ -96,14 +96,6 @@ def load_single_series(paths: Sequence[Path], modality: str) -> Volume:
     return load_volume(groups[0], modality=modality)
 
 
-def files_under(path: Path) -> list[Path]:
-    if path.is_file():
-        return [path]
-    if not path.is_dir():
-        raise PipelineError(f"{path}: no such file or folder")
-    return sorted(p for p in path.rglob("*") if p.is_file())
-
-
 def align(pair: PetMrPair) -> AlignedPair:
     if pair.mr is None:
         return AlignedPair(pair.pet, None, None)

@@ -8,8 +8,7 @@ readiness, stop or kill, and a read-only look at its database.
   **sections)``: a settings file for a node on loopback; ``base`` is the profile (TEST_BASE:
   quick completion, tiny preset, a few named callers; the soak has its own), ``sections``
   override single keys.
-- ``NodeProcess(config, port, log_path)``: started and polled ready by a real C-ECHO (DCMTK
-  echoscu); ``.stop()`` (SIGTERM, returns the exit status), ``.kill()`` (SIGKILL: a crash),
+- ``NodeProcess(config, port, log_path)``: started and polled ready by a real C-ECHO; ``.stop()`` (SIGTERM, returns the exit status), ``.kill()`` (SIGKILL: a crash),
   ``.pid``, ``.ready_s``, ``.peak_rss_kib()``.
 - ``job_states(database)``: the state of every job, read through a read-only Store (empty
   while the database does not exist yet or cannot be read).
@@ -27,7 +26,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from peers import LOOPBACK, free_port, run_echoscu
+from dipnode.dicom_io.scu import Destination, echo
+from peers import LOOPBACK, free_port
 
 NODE_AET = "DIPNODE"
 
@@ -103,7 +103,9 @@ class NodeProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"dipnode serve exited with {self.proc.returncode}; see {log_path}")
-            if run_echoscu(port, aet=echo_aet, called=NODE_AET, timeout_s=5.0).returncode == 0:
+            # pynetdicom's C-ECHO: bounded by its ACSE/DIMSE timeouts and never raises (DCMTK
+            # echoscu's association timeout is 30 s, too long for a node busy with hostile peers).
+            if echo(Destination(NODE_AET, LOOPBACK, port), calling_ae=echo_aet, timeout_s=5.0).ok:
                 self.ready_s = time.monotonic() - self.started_s
                 return
             time.sleep(0.1)  # polling interval while the process imports torch and binds

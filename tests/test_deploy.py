@@ -140,6 +140,7 @@ def test_container_env_uses_the_compose_settings_file(tmp_path: Path) -> None:
     assert "USER dipnode" in (DEPLOY / "Dockerfile").read_text()
 
 
+@pytest.mark.slow
 @pytest.mark.network
 @pytest.mark.timeout(180)
 def test_container_health_check_passes_against_the_compose_settings(tmp_path: Path) -> None:

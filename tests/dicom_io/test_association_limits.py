@@ -56,6 +56,7 @@ def _echo_within(port: int, limit_s: float) -> float | None:
     return None
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 def test_silent_connections_are_closed_by_the_request_timer() -> None:
     # Defaults except the slot count: ten silent connections used to hold every slot for
@@ -82,6 +83,7 @@ def test_a_peer_that_closes_releases_its_slot_at_once() -> None:
             assert took is not None and took < 1.5, took
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(90)
 def test_one_address_cannot_take_every_slot(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger=SCP_LOGGER)

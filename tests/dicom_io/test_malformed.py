@@ -29,7 +29,6 @@ from dipnode.node.spool import Spool
 from nodeproc import wait_for
 from peers import tiny_pet_files
 
-pytestmark = pytest.mark.network
 
 PET = "1.2.840.10008.5.1.4.1.1.128"
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -108,6 +107,7 @@ def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
             if r.name == SCP_LOGGER and r.levelno >= logging.WARNING]
 
 
+@pytest.mark.network
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize(("kind", "status"), [
     ("truncated", Status.CANNOT_UNDERSTAND),
@@ -131,6 +131,7 @@ def test_bad_instance_gets_status_one_log_line_and_node_goes_on(
     assert len(_warnings(caplog)) == 1
 
 
+@pytest.mark.network
 @pytest.mark.timeout(60)
 def test_unsupported_sop_class_and_transfer_syntax_get_no_context(receiver, tmp_path: Path) -> None:
     rx, spool = receiver
@@ -155,6 +156,7 @@ def test_unsupported_sop_class_and_transfer_syntax_get_no_context(receiver, tmp_
     assert _store_raw(rx.port, good[0]) == Status.SUCCESS
 
 
+@pytest.mark.network
 @pytest.mark.timeout(60)
 def test_peer_aborting_mid_association_keeps_what_was_stored(
         receiver, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

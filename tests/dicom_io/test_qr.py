@@ -162,6 +162,7 @@ def _openssl(*args: str, cwd: Path) -> None:
     subprocess.run([require("openssl"), *args], cwd=cwd, check=True, capture_output=True, timeout=60)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_query_and_c_get_over_tls_as_the_sender_has_it(tmp_path) -> None:
     """Orthanc as a TLS SCP (PS3.15 B.1); the retriever's context is the sender's (wire.sender_tls):

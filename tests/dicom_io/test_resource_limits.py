@@ -19,7 +19,6 @@ from dipnode.dicom_io.status import Status
 from dipnode.node.spool import Spool
 from peers import run_storescu, storescu_statuses, tiny_pet_files
 
-pytestmark = pytest.mark.network
 
 PET = "1.2.840.10008.5.1.4.1.1.128"
 MIB = 1 << 20
@@ -60,6 +59,7 @@ def _big_pet(path: Path, rows: int) -> Path:
     return path
 
 
+@pytest.mark.network
 @pytest.mark.timeout(120)
 def test_instance_over_the_size_limit_is_refused_and_the_association_goes_on(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -84,6 +84,7 @@ def test_instance_over_the_size_limit_is_refused_and_the_association_goes_on(
     assert "INSTANCE_TOO_LARGE" in line and "max_instance" in line
 
 
+@pytest.mark.network
 @pytest.mark.timeout(120)
 def test_deflate_bomb_is_refused_by_a_bounded_inflation(tmp_path: Path, raw_sending: None,
                                                         caplog: pytest.LogCaptureFixture) -> None:
@@ -101,6 +102,7 @@ def test_deflate_bomb_is_refused_by_a_bounded_inflation(tmp_path: Path, raw_send
     assert "INFLATED_TOO_LARGE" in line
 
 
+@pytest.mark.network
 def test_a_small_deflated_instance_is_still_accepted(tmp_path: Path, raw_sending: None) -> None:
     spool = Spool(tmp_path / "spool", min_free_bytes=0, max_instance_bytes=8 * MIB)
     [src] = tiny_pet_files(tmp_path / "src", n=1)
@@ -127,6 +129,7 @@ def test_declared_pixel_size_over_the_limit_is_refused_before_any_decoding(tmp_p
     assert not list(spool.instances.rglob("*.dcm"))
 
 
+@pytest.mark.network
 @pytest.mark.timeout(60)
 def test_accept_compressed_false_negotiates_native_syntaxes_only() -> None:
     cfg = ReceiverConfig(port=0, accept_compressed=False)
@@ -145,6 +148,7 @@ def test_accept_compressed_false_negotiates_native_syntaxes_only() -> None:
             assoc.release()
 
 
+@pytest.mark.network
 @pytest.mark.timeout(60)
 def test_with_accept_compressed_false_a_deflate_bomb_has_no_context(tmp_path: Path,
                                                                    raw_sending: None) -> None:

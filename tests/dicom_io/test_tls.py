@@ -23,7 +23,6 @@ from dipnode.node.settings import Settings
 from nodeproc import wait_for
 from peers import _poll, _stop, free_port, require, run_storescu, storescu_statuses, tiny_pet_files
 
-pytestmark = pytest.mark.network
 
 PET = "1.2.840.10008.5.1.4.1.1.128"
 ENV = {**os.environ, "TCP_NODELAY": "1"}
@@ -53,6 +52,7 @@ def _settings(pki: Path, **node: object) -> Settings:
     return Settings(node={"allowed_calling_aets": ["*"], "port": 0, **node})
 
 
+@pytest.mark.network
 @pytest.mark.timeout(90)
 def test_dcmtk_storescu_over_tls_to_our_receiver(pki: Path, tmp_path: Path) -> None:
     s = _settings(pki, tls_cert=pki / "server.pem", tls_key=pki / "server.key",
@@ -75,6 +75,7 @@ def test_dcmtk_storescu_over_tls_to_our_receiver(pki: Path, tmp_path: Path) -> N
     assert len(got) == 2
 
 
+@pytest.mark.network
 @pytest.mark.timeout(90)
 def test_our_tls_sender_to_dcmtk_storescp(pki: Path, tmp_path: Path) -> None:
     out = tmp_path / "rx"
@@ -142,6 +143,7 @@ def _associate(port: int) -> object:
     return ae.associate("127.0.0.1", port, ae_title="DIPNODE")
 
 
+@pytest.mark.network
 @pytest.mark.timeout(60)
 def test_association_beyond_max_is_rejected_then_accepted_again() -> None:
     cfg = ReceiverConfig(port=0, max_associations=1)
@@ -158,6 +160,7 @@ def test_association_beyond_max_is_rejected_then_accepted_again() -> None:
         third.release()
 
 
+@pytest.mark.network
 @pytest.mark.timeout(60)
 def test_idle_association_is_dropped_after_idle_timeout() -> None:
     cfg = ReceiverConfig(port=0, idle_timeout_s=1.0)
@@ -172,6 +175,7 @@ def test_idle_association_is_dropped_after_idle_timeout() -> None:
         assert assoc.is_aborted or assoc.is_released
 
 
+@pytest.mark.network
 @pytest.mark.timeout(60)
 def test_closed_node_and_address_networks(tmp_path: Path) -> None:
     files = tiny_pet_files(tmp_path / "src", n=1)
@@ -187,6 +191,7 @@ def test_closed_node_and_address_networks(tmp_path: Path) -> None:
             assert (result.returncode == 0) is admitted, result.stdout + result.stderr
 
 
+@pytest.mark.network
 @pytest.mark.timeout(60)
 def test_max_pdu_is_announced_and_large_instances_still_arrive(tmp_path: Path) -> None:
     # PS3.8 D.3.3.1: the acceptor announces its maximum PDU length; the peer must fragment.
@@ -208,6 +213,8 @@ def test_max_pdu_is_announced_and_large_instances_still_arrive(tmp_path: Path) -
     assert pydicom.dcmread(BytesIO(got[0])).PixelData == ds.PixelData
 
 
+@pytest.mark.slow
+@pytest.mark.network
 @pytest.mark.timeout(60)
 def test_silent_tls_client_does_not_hold_the_accept_loop(pki: Path, tmp_path: Path) -> None:
     # pynetdicom does the TLS handshake in its accept loop, with no timeout: one client that

@@ -79,6 +79,7 @@ def test_denoise_sdip_keeps_shape_geometry_and_suv_scale(study: PhantomStudy, tm
     }
 
 
+@pytest.mark.slow
 def test_denoise_gaussian_needs_no_mr(study: PhantomStudy, tmp_path: Path) -> None:
     r = dipnode("denoise", str(study.pet_dir), "--method", "gaussian", "--fwhm", "2",
                 "--out", str(tmp_path / "g"), check=True)
@@ -87,6 +88,7 @@ def test_denoise_gaussian_needs_no_mr(study: PhantomStudy, tmp_path: Path) -> No
     assert "stability" not in r.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("argv,message", [
     (["denoise", "{pet}", "--out", "{tmp}/o"], "--method sdip needs MR_DIR"),
     # Before: "--method sdip needs MR_DIR" for a PET folder that does not exist.
@@ -116,6 +118,7 @@ def test_denoise_bad_input_is_one_clear_line_and_exit_1(study: PhantomStudy, tmp
     assert not (tmp_path / "o").exists()  # nothing written
 
 
+@pytest.mark.slow
 @pytest.mark.network
 def test_send_echo_and_summary_against_orthanc(study: PhantomStudy, tmp_path: Path) -> None:
     with OrthancPeer(tmp_path / "orthanc") as orthanc:
@@ -132,6 +135,7 @@ def test_send_echo_and_summary_against_orthanc(study: PhantomStudy, tmp_path: Pa
         assert orthanc.instance_count() == len(study.pet_files)
 
 
+@pytest.mark.slow
 @pytest.mark.network
 def test_echo_and_send_failures_are_one_line_without_library_logs(study: PhantomStudy) -> None:
     # Before: two "ERROR pynetdicom.transport" lines (and a WARNING from the sender) came first.
@@ -245,6 +249,7 @@ def test_rerun_names_the_option(tmp_path: Path) -> None:
     assert r.stderr == "dipnode rerun: error: --fwhm: expected a number >= 0, got -1.0\n"
 
 
+@pytest.mark.slow
 @pytest.mark.network
 def test_serve_with_a_device_that_is_not_there_says_so_once_and_keeps_receiving(tmp_path: Path) -> None:
     # Before: nothing at start; each job failed later. The node must still receive (nothing a
@@ -260,6 +265,7 @@ def test_serve_with_a_device_that_is_not_there_says_so_once_and_keeps_receiving(
     assert "every job fails until it is fixed (then `dipnode rerun JOB`)" in text
 
 
+@pytest.mark.slow
 @pytest.mark.network
 def test_serve_on_a_taken_port_says_so(tmp_path: Path) -> None:
     import socket

@@ -11,9 +11,10 @@ from dipnode.models.params import DipParams
 from harness import soak
 from peers import free_port
 
-pytestmark = [pytest.mark.network, pytest.mark.slow]
 
 
+@pytest.mark.network
+@pytest.mark.slow
 @pytest.mark.timeout(170)
 def test_kills_lose_no_acknowledged_instance_and_jobs_settle(tmp_path: Path) -> None:
     # 2 senders x 2 studies each (PET + MR, 16 slices of 16x16), the second study 2 s after
@@ -86,6 +87,7 @@ def _settings(tmp_path: Path, destinations: list[tuple[str, int]]):
     return load_settings(cfg)
 
 
+@pytest.mark.network
 @pytest.mark.timeout(60)
 def test_job_killed_between_sending_and_its_deliveries_is_delivered_at_start(tmp_path: Path) -> None:
     from dipnode.node.server import Node
@@ -111,6 +113,7 @@ def test_job_killed_between_sending_and_its_deliveries_is_delivered_at_start(tmp
         assert [d.state.value for d in store.deliveries(job_id)] == ["sent"]
 
 
+@pytest.mark.network
 @pytest.mark.timeout(60)
 def test_job_killed_between_sending_and_done_without_destinations_is_done_at_start(tmp_path: Path) -> None:
     from dipnode.node.server import Node
@@ -153,8 +156,8 @@ def test_rerun_supersedes_the_job_that_has_not_started(tmp_path: Path) -> None:
     from dipnode.node.settings import load_settings
     from dipnode.node.jobs.rows import JobState
 
-    cfg = soak.soak_settings(tmp_path, free_port(),
-                                  method={"name": "sdip", "preset": "tiny"})
+    # Port 0: the node is never started here (tick() by hand), nothing listens.
+    cfg = soak.soak_settings(tmp_path, 0, method={"name": "sdip", "preset": "tiny"})
     node = Node(load_settings(cfg))  # not started: tick() by hand, no receiver
     try:
         node.store.record_instance(_pet_record(tmp_path, 1), 0.0)

@@ -109,6 +109,7 @@ def test_source_down_is_retried_then_the_job_falls_back_with_the_reason(tmp_path
         node.store.close()
 
 
+@pytest.mark.slow
 def test_no_mr_at_the_source_exhausts_the_retrieval(tmp_path, node_port, realistic_exam, exam_with_bad_t1) -> None:
     # A PACS holding only another patient's exam; it does not know the node at first.
     with OrthancPeer(tmp_path / "other") as orthanc:
