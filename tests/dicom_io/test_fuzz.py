@@ -110,3 +110,13 @@ def test_unknown_vr_in_the_file_meta_is_refused(seeds: list[bytes]) -> None:
     bad = raw[:at + 4] + b"TL" + raw[at + 6:]
     with pytest.raises(StoreRefused, match="file meta unreadable"):
         read_header(bad)
+
+
+def test_a_file_meta_group_length_of_the_wrong_size_is_refused(seeds: list[bytes]) -> None:
+    # Also found by the fuzzer: VR "\0L" with a 4-byte value read as raw bytes of another length
+    # raises pydicom's BytesLengthException (a RuntimeError).
+    raw = seeds[0]
+    at = raw.index(b"\x02\x00\x00\x00UL", 128)
+    bad = raw[:at + 4] + b"\x00L" + raw[at + 6:]
+    with pytest.raises(StoreRefused, match="file meta unreadable"):
+        read_header(bad)
