@@ -172,13 +172,19 @@ def build_parser() -> argparse.ArgumentParser:
 def _configure_logging(command: str, verbosity: int) -> None:
     # The node is a service: its log (stderr; journald or `docker compose logs`) says what it
     # does at INFO. The one-shot commands print their own outcome and log only warnings.
-    base = logging.INFO if command == "serve" else logging.WARNING
-    level = max(logging.DEBUG, base - 10 * verbosity)
+    # -v is info and -vv debug for every command, as --help says.
+    if verbosity >= 2:
+        level = logging.DEBUG
+    elif verbosity == 1 or command == "serve":
+        level = logging.INFO
+    else:
+        level = logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if level > logging.DEBUG:
         # pynetdicom logs a PDU per INFO line and two ERROR lines for every refused connection;
         # a command reports the failure itself in one line, the node's log keeps its warnings.
-        logging.getLogger("pynetdicom").setLevel(logging.WARNING if command == "serve" else logging.CRITICAL)
+        quiet = command != "serve" and verbosity == 0
+        logging.getLogger("pynetdicom").setLevel(logging.CRITICAL if quiet else logging.WARNING)
     if command in ("send", "echo", "health", "demo") and verbosity == 0:
         # The sender's warning repeats the error line the command prints.
         logging.getLogger("dipnode.dicom_io.scu").setLevel(logging.ERROR)

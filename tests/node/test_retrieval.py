@@ -84,7 +84,7 @@ def test_retriever_fetches_the_t1_of_the_exam(tmp_path, pacs, node_port, realist
         assert f"C-{how.upper()} of series {t1}" in f.note
     finally:
         receiver.stop()
-        node.store.close()
+        node.stop()
 
 
 def test_source_down_is_retried_then_the_job_falls_back_with_the_reason(tmp_path, node_port, realistic_exam) -> None:
@@ -106,7 +106,7 @@ def test_source_down_is_retried_then_the_job_falls_back_with_the_reason(tmp_path
         assert d.kind is DecisionKind.FALLBACK and "sources: unanswered" not in d.reason
         assert "peer down" in d.reason and d.reason.endswith("fallback to Gaussian")
     finally:
-        node.store.close()
+        node.stop()
 
 
 @pytest.mark.slow
@@ -124,7 +124,7 @@ def test_no_mr_at_the_source_exhausts_the_retrieval(tmp_path, node_port, realist
             assert f.state is FetchState.QUERY and f.attempts == 1
             assert "does the peer know and allow AE title 'DIPNODE' to query?" in f.note
         finally:
-            node.store.close()
+            node.stop()
     overlay = {"DicomModalities": {"dipnode": ["DIPNODE", "127.0.0.1", node_port]}}
     with OrthancPeer(tmp_path / "other", overlay=overlay) as orthanc:  # the same storage, now it does
         s = settings(tmp_path, node_port, orthanc.dicom_port)
@@ -136,7 +136,7 @@ def test_no_mr_at_the_source_exhausts_the_retrieval(tmp_path, node_port, realist
             assert f.state is FetchState.EXHAUSTED, f.note
             assert f.note == f"no eligible MR at ORTHANC@127.0.0.1:{orthanc.dicom_port} (0 new MR series found)"
         finally:
-            node.store.close()
+            node.stop()
 
 
 def test_a_refused_move_is_retried_then_fails(tmp_path, pacs, node_port, realistic_exam) -> None:
@@ -154,7 +154,7 @@ def test_a_refused_move_is_retried_then_fails(tmp_path, pacs, node_port, realist
         assert f.state is FetchState.FAILED and "gave up after 2 attempts" in f.note
         assert node.store.series(realistic_exam.mr_series_uids["t1"]) is None
     finally:
-        node.store.close()
+        node.stop()
 
 
 def test_a_restart_resumes_the_retrieval_without_duplicating_it(tmp_path, pacs, node_port, realistic_exam) -> None:
@@ -163,7 +163,7 @@ def test_a_restart_resumes_the_retrieval_without_duplicating_it(tmp_path, pacs, 
     job_id = waiting_job(node, realistic_exam)
     Retriever(down, node.store, node.on_store).step(time.time())
     assert node.store.fetch(job_id).attempts == 1
-    node.store.close()  # the node stops; the PACS comes back at another address in the settings
+    node.stop()  # the node stops; the PACS comes back at another address in the settings
     up = settings(tmp_path, node_port, pacs.dicom_port)
     node = Node(up)
     receiver = start_receiver(wire.receiver_config(up), node.on_store)
@@ -179,7 +179,7 @@ def test_a_restart_resumes_the_retrieval_without_duplicating_it(tmp_path, pacs, 
         assert retriever.step(time.time() + 100) == 0 and node.store.series(f.series_uid).instance_count == n
     finally:
         receiver.stop()
-        node.store.close()
+        node.stop()
 
 
 def test_a_partial_move_is_retried_and_the_retry_completes_the_series(tmp_path, pacs, node_port,
@@ -213,4 +213,4 @@ def test_a_partial_move_is_retried_and_the_retry_completes_the_series(tmp_path, 
         assert node.store.series(t1).instance_count == len(realistic_exam.mr_files["t1"])
     finally:
         receiver.stop()
-        node.store.close()
+        node.stop()
