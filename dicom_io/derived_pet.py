@@ -54,8 +54,20 @@ def _encode_slice(plane: np.ndarray) -> tuple[bytes, float]:
     return stored.tobytes(), slope
 
 
-def write_derived_pet(source: Volume, values: np.ndarray, spec: OutputSpec) -> list[Dataset]:
-    """Return one derived PET dataset per source slice (k order), ready for dcmwrite."""
+# PET Units (0054,1001) defined terms (PS3.3 C.8.9.1.1.3) a derived map may carry instead of
+# the source's: PCNT (percent) for a weight, NONE for a unitless value.
+_UNITS = ("BQML", "PCNT", "NONE")
+
+
+def write_derived_pet(source: Volume, values: np.ndarray, spec: OutputSpec, *,
+                      units: str | None = None) -> list[Dataset]:
+    """Return one derived PET dataset per source slice (k order), ready for dcmwrite.
+
+    units: None keeps the source's Units (the denoised PET: SUV reads as on the source);
+    "PCNT" or "NONE" for a map that is not an activity (a viewer then offers no SUV).
+    """
+    if units is not None and units not in _UNITS:
+        raise DicomOutputError(f"write_derived_pet: units expected one of {_UNITS}, got {units!r}")
     arr = _check(source, values)
     date = spec.content_datetime.strftime("%Y%m%d")
     time = spec.content_datetime.strftime("%H%M%S")
@@ -83,6 +95,8 @@ def write_derived_pet(source: Volume, values: np.ndarray, spec: OutputSpec) -> l
             if name in ds:
                 delattr(ds, name)
         apply_derivation(ds, spec, header)
+        if units is not None:
+            ds.Units = units
         if not ds.get("BodyPartExamined") and "Laterality" not in ds:
             # General Series needs Laterality (2C) unless the part is unpaired: brain PET.
             ds.BodyPartExamined = "HEAD"

@@ -14,9 +14,15 @@ from typing import Any
 class Method(str, Enum):
     """The denoising methods the node offers (DESIGN.md: SDIP and the paper's two baselines)."""
 
-    SDIP = "sdip"          # stability-weighted conditional DIP
-    CDIP = "cdip"          # plain conditional DIP (alpha = 0)
-    GAUSSIAN = "gaussian"  # OSEM + Gaussian post-filter
+    SDIP = "sdip"              # SDIP with the data-consistency guard (docs/METHOD.md)
+    SDIP_PAPER = "sdip-paper"  # the paper's SDIP exactly: last output, S-only blend
+    CDIP = "cdip"              # plain conditional DIP (alpha = 0)
+    GAUSSIAN = "gaussian"      # OSEM + Gaussian post-filter
+
+    @property
+    def blends(self) -> bool:
+        """Whether the method blends the network's image with the OSEM image."""
+        return self in (Method.SDIP, Method.SDIP_PAPER)
 
     @property
     def needs_mr(self) -> bool:
@@ -40,6 +46,12 @@ class DipParams:
     fwhm_voxels: Gaussian baseline FWHM in voxels.
     seed: seeds weight initialisation; the CPU fit is deterministic for a given seed.
     device: "auto" (CUDA when present), "cpu", "cuda" or "cuda:N".
+    input_jitter: std of the noise added to the z-scored MR input per epoch during training
+        (0: none, as the paper).
+    guard_fwe: the data-consistency guard's family-wise false-alarm probability per volume
+        (models/guard.py); method ``sdip`` only.
+    average: method ``sdip`` blends the mean of the sampled outputs (the ones S is the std
+        of) instead of the last one; ``sdip-paper`` and ``cdip`` always use the last.
     """
 
     epochs: int = 200
@@ -54,6 +66,9 @@ class DipParams:
     fwhm_voxels: float = 2.0
     seed: int = 0
     device: str = "auto"
+    input_jitter: float = 0.0
+    guard_fwe: float = 0.05
+    average: bool = True
 
     def __post_init__(self) -> None:
         def bad(name: str, expected: str) -> ValueError:
@@ -85,6 +100,12 @@ class DipParams:
             raise bad("depth", "an integer from 1 to 6")
         if not self.fwhm_voxels >= 0:
             raise bad("fwhm_voxels", "a number >= 0")
+        if not 0 < self.guard_fwe < 1:
+            raise bad("guard_fwe", "a probability 0 < p < 1")
+        if not isinstance(self.average, bool):
+            raise bad("average", "true or false")
+        if not self.input_jitter >= 0:
+            raise bad("input_jitter", "a number >= 0")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise bad("device", "'auto', 'cpu', 'cuda' or 'cuda:N'")
 

@@ -14,7 +14,9 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 def _add_method_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("method (defaults: the preset's)")
-    g.add_argument("--method", choices=["sdip", "cdip", "gaussian"], default=None)
+    g.add_argument("--method", choices=["sdip", "sdip-paper", "cdip", "gaussian"], default=None,
+                   help="sdip: with the data-consistency guard (default); sdip-paper: the "
+                        "paper's method exactly")
     g.add_argument("--preset", default=None, help="paper (GPU), fast (CPU demo) or tiny (tests)")
     g.add_argument("--alpha", type=float, default=None, help="blend strength (paper 0.6)")
     g.add_argument("--epochs", type=int, default=None)

@@ -97,6 +97,8 @@ def cmd_denoise(args: argparse.Namespace) -> int:
     print(f"wrote {len(result.pet_files)} derived PET files to {args.out / 'pet'}")
     if result.map_files:
         print(f"wrote the stability map ({len(result.map_files)} files) to {args.out}")
+    if result.weight_files:
+        print(f"wrote the data weight map ({len(result.weight_files)} files) to {args.out / 'weight'}")
     return 0
 
 

@@ -210,6 +210,8 @@ class Node:
         options = pipeline.OutputOptions(
             series_number_pet=o.series_number_pet or 0, series_number_map=o.series_number_map or 0,
             series_number_map_plain=o.series_number_map_plain or 0,
+            series_number_weight=o.series_number_weight or 0,
+            series_number_weight_plain=o.series_number_weight_plain or 0,
             description_prefix=o.description_prefix, research=o.research, uid_seed=job.uid_seed)
         try:
             pet_paths = self.store.series_instances(job.pet_series_uid)
