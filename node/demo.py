@@ -111,7 +111,8 @@ def run_demo(out: Path, *, preset_name: str | None = None, voxel_mm: float | Non
     shutil.copytree(work / "pacs" / "instances", dicom_out)
     inputs = ReportInputs(mr=run.mr_on_pet, osem=pet.values, full_dose=study.osem_full_dose,
                           dip=fit.dip, stability=fit.stability, sdip=sdip_vol.values,
-                          snapshots=fit.snapshots, masks=study.phantom.masks, alpha=params.alpha)
+                          snapshots=fit.snapshots, masks=study.phantom.masks, alpha=params.alpha,
+                          data_weight=fit.data_weight)
     notes = {
         "preset": preset_name, "device": fit.device, "epochs": params.epochs,
         "network": f"U-Net base {params.base_channels}, depth {params.depth}",

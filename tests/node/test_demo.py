@@ -27,5 +27,6 @@ def test_demo_writes_the_report(tmp_path: Path) -> None:
     diff = report["run"]["delivered SDIP (16-bit DICOM) vs the fit's float output (max abs diff / max)"]
     assert float(diff) < 1e-3
     dicom = list((out / "dicom").rglob("*.dcm"))
-    assert len(dicom) == 2 * 43 + 1  # derived PET + plain map per slice, one Parametric Map
+    # derived PET, plain stability map and plain data weight per slice; two Parametric Maps
+    assert len(dicom) == 3 * 43 + 2
     assert not (out / "work").exists()
