@@ -69,6 +69,8 @@ class GuardParams:
     ramp: z units from the threshold (G = 0) to full keep (G = 1).
     activity_fwhm_mm, object_fraction: the tested object is where f, smoothed to this FWHM,
     exceeds this fraction of its 99th percentile (brain tissue; G = 0 elsewhere).
+    threshold: a fixed |T| threshold instead of the FWE one (for measuring the trade-off;
+    None, the default, derives it from ``fwe``).
     """
 
     diameters_mm: tuple[float, ...] = (4.0, 6.5, 10.0, 15.0)
@@ -76,6 +78,7 @@ class GuardParams:
     ramp: float = 1.0
     activity_fwhm_mm: float = 6.0
     object_fraction: float = 0.15
+    threshold: float | None = None
 
     def __post_init__(self) -> None:
         def bad(name: str, expected: str) -> GuardError:
@@ -91,6 +94,8 @@ class GuardParams:
             raise bad("activity_fwhm_mm", "a number >= 0")
         if not 0 < self.object_fraction < 1:
             raise bad("object_fraction", "a number in (0, 1)")
+        if self.threshold is not None and not self.threshold > 0:
+            raise bad("threshold", "None or a number > 0")
 
     def describe(self) -> str:
         d = "/".join(f"{v:g}" for v in self.diameters_mm)
@@ -244,7 +249,7 @@ def data_guard(x0: np.ndarray, f: np.ndarray, spacing: Sequence[float],
         resels.append(float(inside.sum()) / float(np.prod(fw)))
         fwhms.append(fw)
     n_tests = int(obj.sum()) * max(len(fields), 1)
-    t = threshold_for(resels, n_tests, params.fwe)
+    t = threshold_for(resels, n_tests, params.fwe) if params.threshold is None else params.threshold
     scores: dict[float, np.ndarray] = {}
     max_abs = []
     for d, k, t_d, inside in fields:
