@@ -53,6 +53,12 @@ SEEDS = (0, 1, 2, 3, 4)
 
 
 NETWORKS = ("fast", "papernet", "paper")
+NETWORK_LABELS = {
+    "fast": "fast preset (U-Net 4/8 + 16, 30 epochs x 8)",
+    "papernet": "paper network (U-Net 16/32/64/128 + 256), 12 epochs x 10",
+    "papernet60": "paper network, 60 epochs x 10 (fits the noise)",
+    "paper": "paper preset (200 epochs x 20)",
+}
 
 
 def network_params(name: str, seed: int, jitter: float = 0.0) -> DipParams:
@@ -401,9 +407,24 @@ def render(summary: dict, null: list[dict], rows: list[dict], figure: str,
         g = summary[key]
         meth = g["methods"]
         n = len(g["seeds"])
-        out += [f"### {key.replace(' d', ', dose 1/').replace('1/0.25', '1/4').replace('1/0.1', '1/10').replace('1/0.05', '1/20')}"
-                f" — {n} seed{'s' if n > 1 else ''} ({', '.join(map(str, sorted(g['seeds'])))})", ""]
+        net, dose, *rest = key.split()
+        label = f"{NETWORK_LABELS.get(net, net)}, dose 1/{1 / float(dose[1:]):g}"
+        if rest:
+            label += f", input jitter {rest[0][1:]}"
+        out += [f"### {label} — {n} seed{'s' if n > 1 else ''} ({', '.join(map(str, sorted(g['seeds'])))})", ""]
         order = [m for m in MAIN_METHODS + ("full-dose OSEM",) if m in meth]
+        hot_names = [nm for nm in names if "-hot-" in nm]
+        cold_names = [nm for nm in names if "-cold-" in nm]
+        out += ["Summary (the README's table):", "",
+                "| method | PVR (nuclei) | WM CoV | GM bias | CR hot / cold (mean of 6 each) | lesions ≥ 0.95 × OSEM's CR |",
+                "|---|---:|---:|---:|---:|---:|"]
+        for m in order:
+            hot = np.mean([np.mean(meth[m][f"cr:{nm}"]) for nm in hot_names])
+            cold = np.mean([np.mean(meth[m][f"cr:{nm}"]) for nm in cold_names])
+            ok = sum(np.mean(meth[m][f"cr:{nm}"]) >= 0.95 * np.mean(meth["OSEM"][f"cr:{nm}"]) for nm in names)
+            out.append(f"| {m} | {np.mean(meth[m]['pvr']):.2f} | {np.mean(meth[m]['wm_cov']):.1f} % | "
+                       f"{np.mean(meth[m]['gm_bias']):.1f} % | {hot:.2f} / {cold:.2f} | {ok} of {len(names)} |")
+        out.append("")
         out += ["| method | PVR (nuclei) | WM CoV % | GM bias % |", "|---|---:|---:|---:|"]
         for m in order:
             label = f"**{m}**" if m == "SDIP (new)" else m
