@@ -415,7 +415,7 @@ def render(summary: dict, null: list[dict], rows: list[dict], figure: str,
         order = [m for m in MAIN_METHODS + ("full-dose OSEM",) if m in meth]
         hot_names = [nm for nm in names if "-hot-" in nm]
         cold_names = [nm for nm in names if "-cold-" in nm]
-        out += ["Summary (the README's table):", "",
+        out += ["Summary" + (" (the README's table)" if key == "fast d0.1" else "") + ":", "",
                 "| method | PVR (nuclei) | WM CoV | GM bias | CR hot / cold (mean of 6 each) | lesions ≥ 0.95 × OSEM's CR |",
                 "|---|---:|---:|---:|---:|---:|"]
         for m in order:
@@ -439,8 +439,9 @@ def render(summary: dict, null: list[dict], rows: list[dict], figure: str,
             k = f"cr:{name}"
             ratio = np.mean(meth["SDIP (new)"][k]) / np.mean(meth["OSEM"][k])
             mark = "" if ratio >= 0.95 else " ✗"
+            shown = f"{ratio:.3f}" if abs(ratio - 0.95) < 0.01 else f"{ratio:.2f}"
             out.append(f"| {name} | " + " | ".join(_fmt(meth[m][k]) for m in cols)
-                       + f" | {_fmt(meth['full-dose OSEM'][k])} | {ratio:.2f}{mark} |")
+                       + f" | {_fmt(meth['full-dose OSEM'][k])} | {shown}{mark} |")
         info = g["info"]
         out += ["", f"Guard: threshold |T| > {_fmt(info['guard_threshold'])}; false alarms (share of "
                 f"white-matter voxels more than 10 mm from every lesion that it kept) "
