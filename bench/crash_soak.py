@@ -564,10 +564,12 @@ def run_soak(out: Path, *, kills: int, seed: int, studies: int, senders: int = 3
                  if st.pet_series_uid in with_job and st.pet_series_uid not in with_done]
     done = sum(1 for j in jobs if j[1] == "done")
     failed = sum(1 for j in jobs if j[1] == "failed")
-    # Each done job delivers a derived PET and a plain map per slice plus one Parametric Map;
-    # output UIDs are per job, so a job re-executed after a kill overwrites its own files.
-    # The Gaussian baseline writes the derived PET only.
-    pacs_expected = sum(slices if j[4] == "gaussian" else 2 * slices + 1 for j in jobs if j[1] == "done")
+    # Each done job delivers a derived PET and a plain stability map per slice plus its
+    # Parametric Map; the blending methods (sdip, sdip-paper) add the data weight, plain per
+    # slice and as a Parametric Map. Output UIDs are per job, so a job re-executed after a
+    # kill overwrites its own files. The Gaussian baseline writes the derived PET only.
+    per_job = {"gaussian": slices, "cdip": 2 * slices + 1}
+    pacs_expected = sum(per_job.get(j[4], 3 * slices + 2) for j in jobs if j[1] == "done")
     if sink is not None and pacs_files != pacs_expected:
         problems.append(f"final: PACS holds {pacs_files} result instances, expected {pacs_expected}")
     removed = sum(int(m) for m in re.findall(r"recovered: (\d+) partial files removed",
