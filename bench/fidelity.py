@@ -28,7 +28,7 @@ import argparse
 import functools
 import json
 import logging
-import platform
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -146,7 +146,7 @@ def run_fit(results: Path, network: str, dose: float, seed: int, jitter: float =
                      time.time() - t0)
 
     fit = fit_conditional_dip(x0, mr, params, progress=progress, snapshot_epochs=snaps)
-    tmp = path.with_suffix(".tmp.npz")
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")  # two queues may race
     np.savez_compressed(
         tmp, x0=x0, output=fit.output, sample_mean=fit.sample_mean, stability=fit.stability,
         snapshot_epochs=np.array(sorted(fit.snapshots)),
