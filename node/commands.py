@@ -290,7 +290,7 @@ def cmd_resend(args: argparse.Namespace) -> int:
 
 # -- one-shot commands ----------------------------------------------------------------------
 def output_options():
-    """The node's default output settings (series numbers 1001/1002/1003, labels), so that
+    """The node's default output settings (series numbers 1001-1005, labels), so that
     `dipnode denoise` writes what the node sends."""
     from dipnode.node.pipeline import OutputOptions
     from dipnode.node.settings import OutputSettings
@@ -299,6 +299,8 @@ def output_options():
     return OutputOptions(series_number_pet=o.series_number_pet or 0,
                          series_number_map=o.series_number_map or 0,
                          series_number_map_plain=o.series_number_map_plain or 0,
+                         series_number_weight=o.series_number_weight or 0,
+                         series_number_weight_plain=o.series_number_weight_plain or 0,
                          description_prefix=o.description_prefix, research=o.research)
 
 
@@ -331,7 +333,8 @@ def cmd_denoise(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as exc:  # DicomInputError, AlignmentError, PipelineError, ...
         raise UserError(in_cli_words(str(exc))) from None
     folders = sorted({p.parent for p in result.files})
-    maps = f" and {len(result.map_files)} stability-map files" if result.map_files else ""
+    maps = f", {len(result.map_files)} stability-map files" if result.map_files else ""
+    maps += f", {len(result.weight_files)} data weight map files" if result.weight_files else ""
     print(f"wrote {len(result.pet_files)} derived PET files{maps} to {args.out}: "
           + ", ".join(f"{f.relative_to(args.out)}/" for f in folders))
     return 0

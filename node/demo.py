@@ -121,7 +121,8 @@ def run_demo(out: Path, *, preset_name: str | None = None, voxel_mm: float | Non
     folders = copy_named(files, headers, dicom_out, output_folder_names(settings, "sdip"))
     inputs = ReportInputs(mr=run.mr_on_pet, osem=pet.values, full_dose=study.osem_full_dose,
                           dip=fit.dip, stability=fit.stability, sdip=sdip_vol.values,
-                          snapshots=fit.snapshots, masks=study.phantom.masks, alpha=params.alpha)
+                          snapshots=fit.snapshots, masks=study.phantom.masks, alpha=params.alpha,
+                          data_weight=fit.data_weight)
     notes = {
         "preset": preset_name, "device": fit.device, "epochs": params.epochs,
         "network": f"U-Net base {params.base_channels}, depth {params.depth}",
@@ -146,7 +147,8 @@ def output_folder_names(settings: Settings, method: str) -> dict[int, str]:
     holds, so that a reader of the report finds the derived PET and the maps without UIDs."""
     o = settings.output
     names = {o.series_number_pet: f"pet-{method}", o.series_number_map: "stability-map",
-             o.series_number_map_plain: "stability-map-plain"}
+             o.series_number_map_plain: "stability-map-plain", o.series_number_weight: "data-weight",
+             o.series_number_weight_plain: "data-weight-plain"}
     return {n: name for n, name in names.items() if n}
 
 

@@ -375,11 +375,13 @@ class Node:
                 self.store.set_progress(job.id, epoch / epochs, time.time())
 
         o = self.settings.output
-        pet_no, map_no, plain_no = output_series_numbers(
-            (o.series_number_pet or 0, o.series_number_map or 0, o.series_number_map_plain or 0),
+        pet_no, map_no, plain_no, weight_no, weight_plain_no = output_series_numbers(
+            (o.series_number_pet or 0, o.series_number_map or 0, o.series_number_map_plain or 0,
+             o.series_number_weight or 0, o.series_number_weight_plain or 0),
             self.store.study_job_index(job.id))
         options = pipeline.OutputOptions(
             series_number_pet=pet_no, series_number_map=map_no, series_number_map_plain=plain_no,
+            series_number_weight=weight_no, series_number_weight_plain=weight_plain_no,
             description_prefix=o.description_prefix, research=o.research, uid_seed=job.uid_seed)
         try:
             pet_paths = self.store.series_instances(job.pet_series_uid)
@@ -450,18 +452,18 @@ class Node:
                 shutil.rmtree(row.output_dir, ignore_errors=True)  # every destination has it
 
 
-def output_series_numbers(configured: tuple[int, int, int], study_job_index: int) -> tuple[int, int, int]:
+def output_series_numbers(configured: tuple[int, ...], study_job_index: int) -> tuple[int, ...]:
     """Series Numbers for the n-th job of a study (n = ``study_job_index``, from 0).
 
     Two PET series of one study (or a re-run) must not come back under one number: the n-th
     job adds n times the span of the configured numbers (highest - lowest + 1) to each, so the
-    blocks never overlap - with the defaults 1001-1003, then 1004-1006, ... Unset (0) stays 0.
+    blocks never overlap - with the defaults 1001-1005, then 1006-1010, ... Unset (0) stays 0.
     The index counts every job of the study in job order, so a job's numbers never change.
     """
     used = [n for n in configured if n]
     span = max(used) - min(used) + 1
     offset = study_job_index * span
-    return tuple(n + offset if n else 0 for n in configured)  # type: ignore[return-value]
+    return tuple(n + offset if n else 0 for n in configured)
 
 
 def serve(settings: Settings) -> int:

@@ -14,7 +14,7 @@ import pytest
 from dipnode.dicom_io.series import load_volume, read_datasets, split_series
 from dipnode.dicom_io.suv import suv_bw_factor
 from dipnode.sim.study import PhantomStudy, write_phantom_study
-from peers import OrthancPeer, free_port
+from peers import OrthancPeer, dciodvfy_errors, free_port
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -64,10 +64,7 @@ def test_denoise_sdip_keeps_shape_geometry_and_suv_scale(study: PhantomStudy, tm
     brain = study.phantom.masks["brain"]
     # Denoising moves voxels, not the scale: the brain's mean stays within a few percent.
     assert res.values[brain].mean() == pytest.approx(src.values[brain].mean(), rel=0.05)
-    maps = [p for p in out.rglob("*.dcm")
-            if pydicom.dcmread(p, stop_before_pixels=True).SOPClassUID == "1.2.840.10008.5.1.4.1.1.30"]
-    assert len(maps) == 1
-    # What the node sends, series by series: the plain map (1003) too, with the descriptions.
+    # What the node sends, series by series: the plain maps (1003, 1005) too, with the descriptions.
     series = {}
     for p in out.rglob("*.dcm"):
         h = pydicom.dcmread(p, stop_before_pixels=True)
@@ -76,7 +73,32 @@ def test_denoise_sdip_keeps_shape_geometry_and_suv_scale(study: PhantomStudy, tm
         (1001, "dipnode PET SDIP a0.6 [RESEARCH]", "pet"): 43,
         (1002, "dipnode stability map [RESEARCH]", "map"): 1,
         (1003, "dipnode stability map Bq/ml [RESEARCH]", "map-plain"): 43,
+        (1004, "dipnode data weight [RESEARCH]", "weight"): 1,
+        (1005, "dipnode data weight % [RESEARCH]", "weight-plain"): 43,
     }
+    maps = {ds.ContentLabel: (p, ds) for p in out.rglob("*.dcm")
+            if (ds := pydicom.dcmread(p, stop_before_pixels=True)).SOPClassUID
+            == "1.2.840.10008.5.1.4.1.1.30"}
+    assert set(maps) == {"STABILITY", "DATAWEIGHT"}  # two Parametric Map series
+    path, weight = maps["DATAWEIGHT"]
+    assert dciodvfy_errors(path) == []
+    assert "data weight" in weight.SeriesDescription
+    # the provenance carries the exact formula, guard included
+    derivation = res.headers[0].DerivationDescription
+    assert "w = max(S_norm, G)" in derivation and "x = w*x0 + (1-w)*f" in derivation
+    w = pydicom.dcmread(path).pixel_array
+    assert w.min() >= 0 and w.max() <= 1 and 0 < w.mean() < 1
+    assert "data weight map" in r.stdout
+
+
+@pytest.mark.slow
+def test_denoise_sdip_paper_is_the_papers_blend(study: PhantomStudy, tmp_path: Path) -> None:
+    out = tmp_path / "paper"
+    dipnode("denoise", str(study.pet_dir), str(study.mr_dir), "--out", str(out),
+            "--method", "sdip-paper", "--preset", "tiny", "--device", "cpu", check=True)
+    derivation = _volume(out / "pet").headers[0].DerivationDescription
+    assert "the paper's method" in derivation and "x = S_norm*x0 + (1-S_norm)*f" in derivation
+    assert "guard" not in derivation
 
 
 @pytest.mark.slow

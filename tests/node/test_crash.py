@@ -30,7 +30,7 @@ def test_kills_lose_no_acknowledged_instance_and_jobs_settle(tmp_path: Path) -> 
     assert r.jobs_done >= 4 and r.jobs_other == 0 and r.pet_series_without_job == 0
     # Every done job's results reached the PACS once (deterministic UIDs: a job re-run after a
     # kill overwrites its own outputs rather than adding a second result series).
-    assert r.pacs_files == r.pacs_expected == r.jobs_done * (2 * 16 + 1)
+    assert r.pacs_files == r.pacs_expected == r.jobs_done * (3 * 16 + 2)
 
 
 def test_check_state_finds_a_partial_file_and_a_lost_instance(tmp_path: Path) -> None:

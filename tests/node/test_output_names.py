@@ -16,7 +16,9 @@ def test_descriptions_read_well_and_name_the_method() -> None:
     assert prefix == OutputOptions().description_prefix == "dipnode"
     assert series_descriptions(prefix, Method.SDIP, PRESETS["paper"]) == {
         "pet": "dipnode PET SDIP a0.6", "map": "dipnode stability map",
-        "map-plain": "dipnode stability map Bq/ml"}
+        "map-plain": "dipnode stability map Bq/ml", "weight": "dipnode data weight",
+        "weight-plain": "dipnode data weight %"}
+    assert series_descriptions(prefix, Method.SDIP_PAPER, PRESETS["paper"])["pet"] == "dipnode PET SDIP-paper a0.6"
     assert series_descriptions(prefix, Method.CDIP, PRESETS["paper"])["pet"] == "dipnode PET cDIP"
     assert series_descriptions(prefix, Method.GAUSSIAN, PRESETS["paper"])["pet"] == "dipnode PET Gaussian 2 vx"
     assert series_descriptions("", Method.SDIP, PRESETS["paper"].replace(alpha=1.25))["pet"] == "PET SDIP a1.25"
@@ -34,6 +36,9 @@ def test_descriptions_fit_lo_with_the_longest_prefix(method: Method) -> None:
 def test_demo_folders_are_named_for_what_they_hold() -> None:
     settings = Settings(node={"allowed_calling_aets": ["SCANNER"]})
     assert output_folder_names(settings, "sdip") == {
-        1001: "pet-sdip", 1002: "stability-map", 1003: "stability-map-plain"}
-    no_plain = Settings(node={"allowed_calling_aets": ["SCANNER"]}, output={"series_number_map_plain": 0})
-    assert output_folder_names(no_plain, "sdip") == {1001: "pet-sdip", 1002: "stability-map"}
+        1001: "pet-sdip", 1002: "stability-map", 1003: "stability-map-plain", 1004: "data-weight",
+        1005: "data-weight-plain"}
+    no_plain = Settings(node={"allowed_calling_aets": ["SCANNER"]},
+                        output={"series_number_map_plain": 0, "series_number_weight_plain": 0})
+    assert output_folder_names(no_plain, "sdip") == {1001: "pet-sdip", 1002: "stability-map",
+                                                     1004: "data-weight"}
