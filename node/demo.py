@@ -80,9 +80,17 @@ def run_demo(out: Path, *, preset_name: str | None = None, voxel_mm: float | Non
         method={"name": "sdip", "preset": preset_name, "device": device},
         destinations=[{"ae_title": PACS_AET, "host": "127.0.0.1", "port": pacs.port}],
     )
-    results: dict[int, pipeline.PipelineResult] = {}
+    # The node runs the pipeline as always; the demo also keeps DIP snapshots for its trade-off
+    # curves and the fit itself for the report.
+    results: list[pipeline.PipelineResult] = []
     snapshots = tuple(range(2, params.epochs + 1, max(1, params.epochs // 10)))
-    node = Node(settings, observer=results.__setitem__, snapshot_epochs=snapshots)
+
+    def run_and_keep(*args, **kwargs) -> pipeline.PipelineResult:
+        result = pipeline.run(*args, snapshot_epochs=snapshots, **kwargs)
+        results.append(result)
+        return result
+
+    node = Node(settings, run=run_and_keep)
     node.start()
     try:
         say(f"[2/5] pushing {len(study.pet_files)} PET + {len(study.mr_files)} MR images to "
@@ -110,7 +118,7 @@ def run_demo(out: Path, *, preset_name: str | None = None, voxel_mm: float | Non
     pet_files = [f for f, h in zip(files, headers)
                  if int(h.SeriesNumber) == settings.output.series_number_pet]
     sdip_vol = load_volume(read_datasets(pet_files), modality="PT")
-    run = results[job.id]  # the node's own fit, kept in memory for the curves
+    [run] = results  # the node's own fit (its one job), kept in memory for the curves
     fit, pet = run.denoised, run.pet
     # What the PACS got (16-bit DICOM, read back) against the fit's float output.
     agreement = float(np.max(np.abs(fit.denoised - sdip_vol.values)) / np.max(np.abs(fit.denoised)))
