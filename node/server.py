@@ -1,15 +1,17 @@
-"""`dipnode serve`: the running node, composed of its parts.
+"""`dipnode serve`: the running node, composed of its parts, stage by stage.
 
-- the receive path (node/receiver.py): the receiver's threads (pynetdicom's, one per
-  association) only spool and index;
-- the worker (node/worker.py): one scheduler thread completes series, matches PET to MR and
-  starts jobs on the executor;
-- delivery (node/sender.py): the same thread sends results back, by routes built once at start;
-- the retriever (node/retrieval.py), when [[sources]] are set: prior MR series from the PACS.
+- ingest (node/ingest/receiver.py): the receiver's threads (pynetdicom's, one per association)
+  only spool and index; node/ingest/completion.py says which series are complete;
+- jobs (node/jobs/worker.py): one scheduler thread turns complete series into jobs, matches
+  PET to MR and starts jobs on the executor; the retriever (node/jobs/retrieval.py), when
+  [[sources]] are set, fetches a prior MR from the PACS;
+- delivery (node/delivery/sender.py): the same thread sends results back, by routes built
+  once at start (node/wire.py).
 
-All state lives in the store, so a restart resumes where it stopped. One writer: the node
-takes an exclusive lock on its spool and its database (node/lock.py) before it touches either;
-a second process on the same spool or database stops at once.
+This module is the only place that wires the parts together. All state lives in the store, so
+a restart resumes where it stopped. One writer: the node takes an exclusive lock on its spool
+and its database (node/ingest/lock.py) before it touches either; a second process on the same
+spool or database stops at once.
 """
 from __future__ import annotations
 
@@ -23,15 +25,17 @@ from dipnode.dicom_io.logsafe import SafeValuesFilter
 from dipnode.dicom_io.provenance import software_version
 from dipnode.dicom_io.scp import ReceivedInstance, start_receiver
 from dipnode.dicom_io.status import Status
-from dipnode.node import pipeline, wire
+from dipnode.node import wire
+from dipnode.node.delivery.sender import Delivery
+from dipnode.node.ingest.completion import complete_due
+from dipnode.node.ingest.lock import WriterLock
+from dipnode.node.ingest.receiver import Receiver
+from dipnode.node.ingest.spool import Spool
+from dipnode.node.jobs import pipeline
+from dipnode.node.jobs.retrieval import Retriever
 from dipnode.node.jobs.store import Store
-from dipnode.node.lock import WriterLock
-from dipnode.node.receiver import Receiver
-from dipnode.node.retrieval import Retriever
-from dipnode.node.sender import Delivery
+from dipnode.node.jobs.worker import Runner, Worker
 from dipnode.node.settings import Settings
-from dipnode.node.spool import Spool
-from dipnode.node.worker import Runner, Worker
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +81,11 @@ class Node:
         return self.receiver.spool
 
     def on_store(self, instance: ReceivedInstance) -> Status:
-        """Keep one received instance (node/receiver.py: spooled and indexed before SUCCESS)."""
+        """Keep one received instance (node/ingest/receiver.py: spooled and indexed before SUCCESS)."""
         return self.receiver.on_store(instance)
 
     def index_orphans(self) -> int:
-        """Index or quarantine the spool files the index lacks (node/receiver.py)."""
+        """Index or quarantine the spool files the index lacks (node/ingest/receiver.py)."""
         return self.receiver.index_orphans()
 
     # -- life cycle ------------------------------------------------------------------------
@@ -137,7 +141,11 @@ class Node:
             self._stop.wait(interval)
 
     def tick(self, now: float) -> None:
-        """One scheduling step: the worker's, then the due deliveries."""
+        """One scheduling step, stage by stage: complete series go to the worker, the worker
+        matches and starts jobs, then the due deliveries are sent."""
+        for done in complete_due(self.store, now, self.settings.series.stable_age_s,
+                                 self.worker.listening_since):
+            self.worker.series_complete(done.series, now, rerun=done.rerun)
         self.worker.step(now)
         self.delivery.deliver(now)
 

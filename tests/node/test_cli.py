@@ -23,7 +23,7 @@ def dipnode(*args: str, check: bool = False, env: dict[str, str] | None = None,
             ) -> subprocess.CompletedProcess[str]:
     # The user's environment without DIPNODE_* (a test must not read a developer's settings).
     base = {k: v for k, v in os.environ.items() if not k.startswith("DIPNODE_")}
-    result = subprocess.run([sys.executable, "-m", "dipnode.node.cli", *args],
+    result = subprocess.run([sys.executable, "-m", "dipnode.node.cli.main", *args],
                             capture_output=True, text=True, timeout=280, env={**base, **(env or {})})
     if check:
         assert result.returncode == 0, result.stdout + result.stderr
@@ -222,13 +222,13 @@ def test_no_settings_says_what_was_searched(command: list[str], tmp_path: Path, 
     # Before: "settings: invalid settings (DIPNODE_* environment): node: expected a value,
     # got none (required)". In-process, so that the default path can point at a missing file
     # even on a host where /etc/dipnode/dipnode.toml exists.
-    from dipnode.node import cli, commands
+    from dipnode.node.cli import commands, main
 
     assert commands.DEFAULT_CONFIG == Path("/etc/dipnode/dipnode.toml")  # as the README says
     for k in [k for k in os.environ if k.startswith("DIPNODE_")]:
         monkeypatch.delenv(k)
     monkeypatch.setattr(commands, "DEFAULT_CONFIG", tmp_path / "dipnode.toml")
-    assert cli.main(command) == 1
+    assert main.main(command) == 1
     err = capsys.readouterr().err
     assert err == (f"dipnode {command[0]}: error: no settings file: --config not given, DIPNODE_CONFIG "
                    f"not set, {tmp_path / 'dipnode.toml'} does not exist. Give --config FILE (every "
@@ -236,7 +236,7 @@ def test_no_settings_says_what_was_searched(command: list[str], tmp_path: Path, 
     # The default path is read when it exists.
     _node_config(tmp_path).rename(tmp_path / "dipnode.toml")
     if command[0] == "jobs":
-        assert cli.main(command) == 0
+        assert main.main(command) == 0
 
 
 def test_jobs_before_the_node_ever_ran(tmp_path: Path) -> None:
@@ -335,7 +335,7 @@ def test_version() -> None:
 def test_every_option_has_help() -> None:
     import argparse
 
-    from dipnode.node.cli import build_parser
+    from dipnode.node.cli.main import build_parser
 
     parser = build_parser()
     parsers = {"dipnode": parser}

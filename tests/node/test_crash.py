@@ -139,7 +139,7 @@ def _pet_record(tmp_path: Path, n: int):
 
 
 def test_stable_age_does_not_count_the_time_the_node_was_down(tmp_path: Path) -> None:
-    from dipnode.node.completion import complete_due
+    from dipnode.node.ingest.completion import complete_due
     from dipnode.node.jobs.store import Store
 
     with Store.open(tmp_path / "db.sqlite") as store:

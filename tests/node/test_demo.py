@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from dipnode.node.demo import run_demo
+from dipnode.node.cli.demo import run_demo
 
 
 @pytest.mark.slow

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pydicom
 import pytest
 
-from dipnode.node.completion import instance_record
+from dipnode.node.ingest.completion import instance_record
 from dipnode.node.server import Node
 from dipnode.node.settings import Settings
 from dipnode.node.jobs.rows import JobState

@@ -5,8 +5,8 @@ import pytest
 
 from dipnode.dicom_io.provenance import RESEARCH_SUFFIX
 from dipnode.models.params import PRESETS, Method
-from dipnode.node.demo import output_folder_names
-from dipnode.node.pipeline import OutputOptions, series_descriptions
+from dipnode.node.cli.demo import output_folder_names
+from dipnode.node.jobs.pipeline import OutputOptions, series_descriptions
 from dipnode.node.settings import OutputSettings, Settings
 
 

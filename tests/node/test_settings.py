@@ -177,7 +177,7 @@ def test_example_file_loads_and_its_commented_defaults_are_the_defaults(tmp_path
 def test_epochs_in_toml_follow_the_same_rule_as_the_command_line(tmp_path):
     # Before: `[method] epochs = 50` with the paper preset failed (m = 100 > 50 epochs) while
     # `--epochs 50` worked (the CLI moved m to 25). One rule now (models.params.resolve_params).
-    from dipnode.node.commands import cli_params
+    from dipnode.node.cli.options import cli_params
 
     s = load_settings(write(tmp_path, MINIMAL + '[method]\npreset = "paper"\nepochs = 50\n'))
     assert (s.dip_params().epochs, s.dip_params().sample_from) == (50, 25)

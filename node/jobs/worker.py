@@ -1,5 +1,6 @@
-"""The worker: from complete series to finished jobs. One scheduling step completes series,
-creates and matches jobs (PET to MR, or a fetch of a prior MR), and starts queued jobs on the
+"""The worker: from complete series to finished jobs. A complete series (node/ingest/completion.py
+says which) makes a job (a PET) or re-triggers jobs that lacked an MR (an MR); one scheduling
+step matches waiting jobs (PET to MR, or a fetch of a prior MR) and starts queued jobs on the
 executor; a job runs the pipeline and hands its results to delivery. All state is in the
 store, so a restart resumes where it stopped."""
 from __future__ import annotations
@@ -11,13 +12,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from dipnode.node import pipeline
-from dipnode.node.completion import complete_due
-from dipnode.node.executor import ExecutorBusy, LocalExecutor
+from dipnode.node.jobs import pipeline
+from dipnode.node.jobs.executor import ExecutorBusy, LocalExecutor
 from dipnode.node.jobs.rows import JobRow, JobState, Move, SeriesRow, SeriesState
 from dipnode.node.jobs.store import Store
-from dipnode.node.matching import DecisionKind, MatchRules, decide, ineligible_reason
-from dipnode.node.retrieval import Retriever
+from dipnode.node.jobs.matching import DecisionKind, MatchRules, decide, ineligible_reason
+from dipnode.node.jobs.retrieval import Retriever
 from dipnode.node.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -54,16 +54,17 @@ class Worker:
         self._run = run
 
     # -- one scheduling step ---------------------------------------------------------------
+    def series_complete(self, series: SeriesRow, now: float, *, rerun: bool) -> None:
+        """A series just became complete (``rerun``: re-opened by late instances)."""
+        log.info("series %s complete (%s, %d instances%s)", series.series_uid, series.modality,
+                 series.instance_count, ", re-opened by late instances" if rerun else "")
+        if series.modality == "PT":
+            self._new_job(series.series_uid, now, rerun=rerun)
+        elif series.modality == "MR":
+            self.retrigger(series, now)
+
     def step(self, now: float) -> None:
-        for done in complete_due(self.store, now, self.settings.series.stable_age_s,
-                                 self.listening_since):
-            s = done.series
-            log.info("series %s complete (%s, %d instances%s)", s.series_uid, s.modality,
-                     s.instance_count, ", re-opened by late instances" if done.rerun else "")
-            if s.modality == "PT":
-                self._new_job(s.series_uid, now, rerun=done.rerun)
-            elif s.modality == "MR":
-                self.retrigger(s, now)
+        """Match the waiting jobs, then start queued jobs while the executor has room."""
         for job in self.store.jobs([JobState.WAITING_FOR_MR]):
             self._match(job, now)
         while self.executor.free_slots() > 0 and not self._stopping.is_set():

@@ -33,7 +33,7 @@ from dipnode.dicom_io.scp import ReceivedInstance
 from dipnode.dicom_io.scu import Destination as Peer
 from dipnode.dicom_io.status import Status
 from dipnode.node import wire
-from dipnode.node.matching import MatchRules, describe_mr, parse_date, rank_mr, remote_candidate
+from dipnode.node.jobs.matching import MatchRules, describe_mr, parse_date, rank_mr, remote_candidate
 from dipnode.node.settings import Settings, Source
 from dipnode.node.jobs.rows import FetchRow, FetchState, JobState, SeriesRow
 from dipnode.node.jobs.store import Store

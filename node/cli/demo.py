@@ -21,13 +21,13 @@ from dipnode.dicom_io.scp import DEFAULT_SOP_CLASSES
 from dipnode.dicom_io.scu import PARAMETRIC_MAP_STORAGE, Destination, send_files
 from dipnode.dicom_io.series import load_volume, read_datasets
 from dipnode.dicom_io.status import Status
-from dipnode.node import pipeline
-from dipnode.node.commands import DEFAULT_PRESET, cli_params, describe_device
-from dipnode.node.progress import FitProgress, format_seconds
-from dipnode.node.report import ReportInputs, write_report
+from dipnode.node.jobs import pipeline
+from dipnode.node.cli.options import DEFAULT_PRESET, cli_params, describe_device
+from dipnode.node.cli.progress import FitProgress, format_seconds
+from dipnode.node.cli.report import ReportInputs, write_report
 from dipnode.node.server import Node
 from dipnode.node.settings import Settings
-from dipnode.node.spool import Spool
+from dipnode.node.ingest.spool import Spool
 from dipnode.node.jobs.rows import JobState
 from dipnode.sim.study import write_phantom_study
 

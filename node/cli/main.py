@@ -198,7 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _configure_logging(args.command, args.verbose)
     # Imports are deferred so that `dipnode --help` and `dipnode echo` do not load torch.
-    from dipnode.node import commands
+    from dipnode.node.cli import commands
 
     try:
         return commands.dispatch(args)

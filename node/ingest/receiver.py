@@ -13,10 +13,10 @@ from dipnode.dicom_io.intake import Header, dataset_bytes, read_received
 from dipnode.dicom_io.logsafe import shown
 from dipnode.dicom_io.scp import ReceivedInstance
 from dipnode.dicom_io.status import Status, StoreRefused
-from dipnode.node.completion import check_indexable, instance_record
+from dipnode.node.ingest.completion import check_indexable, instance_record
 from dipnode.node.jobs.rows import InstanceRecord, KnownInstance, StoreError
 from dipnode.node.jobs.store import Store
-from dipnode.node.spool import Spool
+from dipnode.node.ingest.spool import Spool
 
 log = logging.getLogger(__name__)
 
