@@ -92,7 +92,7 @@ def _loader_run(seeds: list[bytes], tmp_path: Path, allowed: tuple[type[BaseExce
 
 @pytest.mark.timeout(90)
 def test_series_loader_never_hangs_nor_escapes_exception(seeds: list[bytes], tmp_path: Path) -> None:
-    # What the node relies on today: node/server._run_job turns any Exception into a FAILED
+    # What the node relies on today: node/jobs/worker.Worker._run_job turns any Exception into a FAILED
     # job, so the loader must end (deadline) and raise nothing outside Exception.
     _loader_run(seeds, tmp_path, (Exception,))
 
