@@ -226,21 +226,6 @@ def cmd_resend(args: argparse.Namespace) -> int:
 
 
 # -- one-shot commands ----------------------------------------------------------------------
-def output_options():
-    """The node's default output settings (series numbers 1001-1005, labels), so that
-    `dipnode denoise` writes what the node sends."""
-    from dipnode.node.jobs.pipeline import OutputOptions
-    from dipnode.node.settings import OutputSettings
-
-    o = OutputSettings()
-    return OutputOptions(series_number_pet=o.series_number_pet or 0,
-                         series_number_map=o.series_number_map or 0,
-                         series_number_map_plain=o.series_number_map_plain or 0,
-                         series_number_weight=o.series_number_weight or 0,
-                         series_number_weight_plain=o.series_number_weight_plain or 0,
-                         description_prefix=o.description_prefix, research=o.research)
-
-
 def cmd_denoise(args: argparse.Namespace) -> int:
     from dipnode.node.jobs import pipeline
     from dipnode.node.cli.progress import FitProgress
@@ -263,7 +248,7 @@ def cmd_denoise(args: argparse.Namespace) -> int:
         bar = FitProgress(params.epochs, method.value.upper(), device) if method.needs_mr else None
         try:
             result = pipeline.run(pet_paths, mr_paths, args.out, method=method, params=params,
-                                  options=output_options(), progress=bar)
+                                  options=pipeline.OutputOptions.from_settings(), progress=bar)
         finally:
             if bar is not None:
                 bar.close()

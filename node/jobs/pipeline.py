@@ -27,6 +27,7 @@ from dipnode.models.align import AlignedMr, align_mr_to_pet
 from dipnode.models.denoise import DenoiseResult, denoise
 from dipnode.models.guard import GuardParams
 from dipnode.models.params import DipParams, Method
+from dipnode.node.settings import OutputSettings
 
 log = logging.getLogger(__name__)
 
@@ -44,19 +45,46 @@ class MrUnusableError(PipelineError):
 
 @dataclass(frozen=True)
 class OutputOptions:
-    """What to write and how to label it (from settings or the command line)."""
+    """What to write and how to label it. Series number 0: not written. The defaults live in
+    one place, the settings' [output] (:meth:`from_settings`)."""
 
-    series_number_pet: int = 1001
-    series_number_map: int = 1002
-    series_number_map_plain: int = 0  # 0: no plain derived copy of the map
-    series_number_weight: int = 1004  # the data weight w (Parametric Map); 0: not written
-    series_number_weight_plain: int = 0  # w in percent as a plain derived series; 0: none
-    description_prefix: str = "dipnode"
-    research: bool = True
+    series_number_pet: int
+    series_number_map: int
+    series_number_map_plain: int
+    series_number_weight: int
+    series_number_weight_plain: int
+    description_prefix: str
+    research: bool
     # Output UIDs derive from this seed; None: from the sources and the parameters, so running
     # the same inputs again gives the same UIDs (a re-send is idempotent). The node passes its
     # job's seed, which a deliberate re-run changes.
     uid_seed: str | None = None
+
+    @classmethod
+    def from_settings(cls, output: OutputSettings | None = None, *, study_job_index: int = 0,
+                      uid_seed: str | None = None) -> OutputOptions:
+        """``output`` (default: the defaults of [output]) for the n-th job of a study
+        (:func:`output_series_numbers`); `dipnode denoise` writes what the node sends."""
+        o = output if output is not None else OutputSettings()
+        numbers = output_series_numbers(
+            (o.series_number_pet or 0, o.series_number_map or 0, o.series_number_map_plain or 0,
+             o.series_number_weight or 0, o.series_number_weight_plain or 0), study_job_index)
+        return cls(*numbers, description_prefix=o.description_prefix, research=o.research,
+                   uid_seed=uid_seed)
+
+
+def output_series_numbers(configured: tuple[int, ...], study_job_index: int) -> tuple[int, ...]:
+    """Series Numbers for the n-th job of a study (n = ``study_job_index``, from 0).
+
+    Two PET series of one study (or a re-run) must not come back under one number: the n-th
+    job adds n times the span of the configured numbers (highest - lowest + 1) to each, so the
+    blocks never overlap - with the defaults 1001-1005, then 1006-1010, ... Unset (0) stays 0.
+    The node's index counts every job of the study in job order, so a job's numbers never change.
+    """
+    used = [n for n in configured if n]
+    span = max(used) - min(used) + 1
+    offset = study_job_index * span
+    return tuple(n + offset if n else 0 for n in configured)
 
 
 @dataclass(frozen=True)
@@ -232,11 +260,12 @@ def encode_and_write(aligned: AlignedPair, result: DenoiseResult, pair: PetMrPai
 
 
 def run(pet_paths: Sequence[Path], mr_paths: Sequence[Path] | None, out_dir: Path, *,
-        method: Method, params: DipParams, options: OutputOptions = OutputOptions(),
+        method: Method, params: DipParams, options: OutputOptions | None = None,
         progress: Progress | None = None, snapshot_epochs: Sequence[int] = ()) -> PipelineResult:
     """Denoise one PET series (with its MR for the DIP methods) and write the DICOM outputs."""
     if method.needs_mr and not mr_paths:
         raise PipelineError(f"method {method.value} needs an MR series; none was given")
+    options = options if options is not None else OutputOptions.from_settings()
     pet = load_single_series(pet_paths, "PT")
     try:
         mr = load_single_series(mr_paths, "MR") if (mr_paths and method.needs_mr) else None

@@ -22,7 +22,7 @@ from dipnode.node.settings import Settings
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Runner", "Stopping", "Worker", "output_series_numbers"]
+__all__ = ["Runner", "Stopping", "Worker"]
 
 #: What runs one job: :func:`node.pipeline.run` (a caller such as the demo may wrap it).
 Runner = Callable[..., pipeline.PipelineResult]
@@ -166,17 +166,6 @@ class Worker:
                                       reason=f"superseded by job {job.id}: an MR arrived ({mr.series_uid})")
 
     # -- a job on a worker thread ----------------------------------------------------------
-    def _options(self, job: JobRow) -> pipeline.OutputOptions:
-        o = self.settings.output
-        pet_no, map_no, plain_no, weight_no, weight_plain_no = output_series_numbers(
-            (o.series_number_pet or 0, o.series_number_map or 0, o.series_number_map_plain or 0,
-             o.series_number_weight or 0, o.series_number_weight_plain or 0),
-            self.store.study_job_index(job.id))
-        return pipeline.OutputOptions(
-            series_number_pet=pet_no, series_number_map=map_no, series_number_map_plain=plain_no,
-            series_number_weight=weight_no, series_number_weight_plain=weight_plain_no,
-            description_prefix=o.description_prefix, research=o.research, uid_seed=job.uid_seed)
-
     def _run_job(self, job: JobRow) -> None:
         out_dir = self.outputs / f"job-{job.id}"
         shutil.rmtree(out_dir, ignore_errors=True)  # a resumed job starts its outputs afresh
@@ -191,7 +180,8 @@ class Worker:
                 self.store.set_progress(job.id, epoch / epochs, time.time())
 
         try:
-            options = self._options(job)
+            options = pipeline.OutputOptions.from_settings(
+                self.settings.output, study_job_index=self.store.study_job_index(job.id), uid_seed=job.uid_seed)
             pet_paths = self.store.series_instances(job.pet_series_uid)
             mr_paths = self.store.series_instances(job.mr_series_uid) if job.mr_series_uid else None
             log.info("job %d running: %s on PET %s", job.id, job.method.value, job.pet_series_uid)
@@ -219,17 +209,3 @@ class Worker:
         now = time.time()
         self.store.transition(job.id, JobState.SENDING, now, progress=1.0, output_dir=str(out_dir))
         self._hand_over(job.id, str(out_dir), now)
-
-
-def output_series_numbers(configured: tuple[int, ...], study_job_index: int) -> tuple[int, ...]:
-    """Series Numbers for the n-th job of a study (n = ``study_job_index``, from 0).
-
-    Two PET series of one study (or a re-run) must not come back under one number: the n-th
-    job adds n times the span of the configured numbers (highest - lowest + 1) to each, so the
-    blocks never overlap - with the defaults 1001-1005, then 1006-1010, ... Unset (0) stays 0.
-    The index counts every job of the study in job order, so a job's numbers never change.
-    """
-    used = [n for n in configured if n]
-    span = max(used) - min(used) + 1
-    offset = study_job_index * span
-    return tuple(n + offset if n else 0 for n in configured)

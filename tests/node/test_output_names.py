@@ -13,7 +13,7 @@ from dipnode.node.settings import OutputSettings, Settings
 def test_descriptions_read_well_and_name_the_method() -> None:
     # Before: "SDIP SDIP a0.6 [RESEARCH]" for the PET and "SDIP SDIP a0.6 stability map" for the map.
     prefix = OutputSettings().description_prefix
-    assert prefix == OutputOptions().description_prefix == "dipnode"
+    assert prefix == OutputOptions.from_settings().description_prefix == "dipnode"
     assert series_descriptions(prefix, Method.SDIP, PRESETS["paper"]) == {
         "pet": "dipnode PET SDIP a0.6", "map": "dipnode stability map",
         "map-plain": "dipnode stability map Bq/ml", "weight": "dipnode data weight",
@@ -42,3 +42,17 @@ def test_demo_folders_are_named_for_what_they_hold() -> None:
                         output={"series_number_map_plain": 0, "series_number_weight_plain": 0})
     assert output_folder_names(no_plain, "sdip") == {1001: "pet-sdip", 1002: "stability-map",
                                                      1004: "data-weight"}
+
+
+def test_output_numbers_have_one_home_the_settings() -> None:
+    # Before: OutputOptions had its own defaults (1001/1002/0), the settings 1001/1002/1003.
+    s = OutputSettings()
+    o = OutputOptions.from_settings()
+    numbers = (o.series_number_pet, o.series_number_map, o.series_number_map_plain,
+               o.series_number_weight, o.series_number_weight_plain)
+    assert numbers == (s.series_number_pet, s.series_number_map, s.series_number_map_plain,
+                       s.series_number_weight, s.series_number_weight_plain) == (1001, 1002, 1003, 1004, 1005)
+    second = OutputOptions.from_settings(s, study_job_index=1, uid_seed="x")
+    assert (second.series_number_pet, second.series_number_weight_plain, second.uid_seed) == (1006, 1010, "x")
+    no_plain = OutputOptions.from_settings(OutputSettings(series_number_map_plain=0))
+    assert no_plain.series_number_map_plain == 0
