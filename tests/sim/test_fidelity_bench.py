@@ -39,6 +39,8 @@ def test_networks_and_fit_names() -> None:
     paper_net = fidelity.network_params("papernet", 0)
     assert (paper_net.base_channels, paper_net.depth, paper_net.epochs) == (16, 4, 12)
     assert fidelity.network_params("paper", 0).epochs == 200
+    long = fidelity.network_params("papernet60", 0)
+    assert (long.base_channels, long.epochs, long.sample_from, long.n_samples) == (16, 60, 40, 21)
     with pytest.raises(ValueError, match="network"):
         fidelity.network_params("huge", 0)
     assert fidelity.fit_name("fast", 0.1, 2) == "fast-d0.1-s2"
