@@ -53,8 +53,10 @@ SOAK_BASE: dict[str, dict[str, Any]] = {
     "series": {"stable_age_s": 2.0, "check_interval_s": 0.2},
     # Long MR wait: the soak's kills come every few seconds, and an MR series needs a stable age
     # of uptime to complete, so a short wait would turn SDIP jobs into Gaussian fallbacks (the
-    # wait itself does not count downtime).
-    "matching": {"mr_wait_s": 600.0, "fallback": "gaussian"},
+    # wait itself does not count downtime). No grace for a better MR: each study has one MR
+    # series, and a 60 s grace would hold every job until after the kills, so none would land
+    # inside a job and the run could outlast its test's timeout.
+    "matching": {"mr_wait_s": 600.0, "fallback": "gaussian", "mr_grace_s": 0.0},
     "method": {"device": "cpu"},
     "sender": {"retries": 50, "backoff_s": 0.2, "backoff_max_s": 1.0, "timeout_s": 10.0},
 }
