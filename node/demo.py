@@ -72,7 +72,7 @@ def run_demo(out: Path, *, preset_name: str | None = None, voxel_mm: float | Non
         destinations=[{"ae_title": PACS_AET, "host": "127.0.0.1", "port": pacs.port}],
     )
     results: dict[int, pipeline.PipelineResult] = {}
-    snapshots = tuple(range(2, params.epochs + 1, max(1, params.epochs // 10)))
+    snapshots = tuple(range(1, params.epochs + 1))  # every epoch: the DIP curve of the trade-off plot
     node = Node(settings, observer=results.__setitem__, snapshot_epochs=snapshots)
     node.start()
     try:
@@ -112,7 +112,8 @@ def run_demo(out: Path, *, preset_name: str | None = None, voxel_mm: float | Non
     inputs = ReportInputs(mr=run.mr_on_pet, osem=pet.values, full_dose=study.osem_full_dose,
                           dip=fit.dip, stability=fit.stability, sdip=sdip_vol.values,
                           snapshots=fit.snapshots, masks=study.phantom.masks, alpha=params.alpha,
-                          data_weight=fit.data_weight)
+                          data_weight=fit.data_weight, network=fit.network_image, guard=fit.guard,
+                          truth=study.phantom.activity, affine=pet.geometry.affine)
     notes = {
         "preset": preset_name, "device": fit.device, "epochs": params.epochs,
         "network": f"U-Net base {params.base_channels}, depth {params.depth}",
