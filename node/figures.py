@@ -19,7 +19,7 @@ from matplotlib.colors import ListedColormap  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
-from dipnode.node.report import Analysis, ReportInputs, noise_mask_text  # noqa: E402
+from dipnode.node.report import PAPER_SDIP, Analysis, ReportInputs, noise_mask_text  # noqa: E402
 
 # Patient axis letters (LPS: +x left, +y posterior, +z superior), for a direction's sign.
 _LETTERS = (("R", "L"), ("A", "P"), ("I", "S"))
@@ -231,8 +231,12 @@ def tradeoff_figure(r: ReportInputs, a: Analysis, path: Path) -> Path:
                 span = f"every epoch, {span}"
             else:
                 span = f"{c.parameter} {span}"
+            paper = c.method == PAPER_SDIP
             ax.plot(c.wm_cov_percent, ys, color=COLOURS[role], marker=marker, ms=3.5, lw=1.2,
-                    alpha=0.85, label=f"{c.method}: {span}")
+                    alpha=0.45 if paper else 0.85, ls="--" if paper else "-", mfc="none" if paper else None,
+                    label=f"{c.method}: {span}")
+            if paper:
+                continue  # its alphas are the curve above's: not labelled twice
             step = 5 if c.parameter == "epoch" else 2 if c.parameter == "alpha" else 4
             for idx, (x, y, v) in enumerate(zip(c.wm_cov_percent, ys, c.values)):
                 if idx % step == 0 or idx == len(c.values) - 1:

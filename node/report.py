@@ -29,6 +29,7 @@ NOISE_MARGIN_MM = 6.0
 NOISE_TISSUE_TOLERANCE = 0.10
 # The trade-off curves' parameters (the paper's Figure 4: Gaussian FWHM, DIP epochs, alpha).
 GAUSSIAN_FWHMS = tuple(float(v) for v in np.round(np.arange(0.0, 3.001, 0.25), 2))
+PAPER_SDIP = "SDIP without the guard (the paper's)"
 ALPHAS = tuple(float(v) for v in np.round(np.arange(0.0, 1.001, 0.1), 2))
 
 
@@ -99,11 +100,12 @@ def noise_mask(r: ReportInputs) -> np.ndarray:
     return away_from(wm, other, r.spacing, NOISE_MARGIN_MM)
 
 
-def sdip_at(r: ReportInputs, alpha: float) -> np.ndarray:
+def sdip_at(r: ReportInputs, alpha: float, *, guard: bool = True) -> np.ndarray:
     """The node's blend at another alpha: ``w = max(S_norm(alpha), G)`` with the guard (the
-    paper's ``w = S_norm(alpha)`` without), of the OSEM and the network's image."""
+    paper's ``w = S_norm(alpha)`` without it, or with ``guard=False``), of the OSEM and the
+    network's image."""
     w = normalised_stability(r.stability, alpha)
-    if r.guard is not None:
+    if guard and r.guard is not None:
         w = np.maximum(w, r.guard)
     return blend_weight(r.osem, r.network if r.network is not None else r.dip, w)
 
@@ -155,6 +157,9 @@ def analyse(r: ReportInputs) -> Analysis:
         _curve("SDIP" if r.guard is None else "SDIP with the guard", "alpha", ALPHAS,
                [sdip_at(r, a) for a in ALPHAS], masks),
     ]
+    if r.guard is not None:  # what the guard adds: the paper's blend of the same fit
+        curves.append(_curve(PAPER_SDIP, "alpha", ALPHAS,
+                             [sdip_at(r, a, guard=False) for a in ALPHAS], masks))
     floor = {f: wm_noise(gaussian_filter_fwhm(r.truth, f), nm).cov_percent
              for f in (0.0, GAUSSIAN_FWHMS[-1])}
     return Analysis(noise_mask=nm, noise_floor=floor, gaussian_fwhm=fwhm, images=imgs, keys=keys,

@@ -96,6 +96,11 @@ def test_the_curves_hold_every_epoch_and_pass_through_the_table_rows(inputs: Rep
     i = ALPHAS.index(0.6)
     assert sdip.wm_cov_percent[i] == pytest.approx(rows[k["sdip"]]["wm_cov_percent"], rel=1e-5)
     assert sdip.lesion_contrast[i] == pytest.approx(rows[k["sdip"]]["lesion_contrast"], rel=1e-5)
+    # Without the guard (the paper's blend) the lesion keeps no more of its contrast at any
+    # alpha, and at alpha 0 (the network's image) much less (here G = 1 on the lesion only).
+    paper = by["SDIP without the guard (the paper's)"]
+    assert all(p <= g + 1e-9 for p, g in zip(paper.lesion_contrast, sdip.lesion_contrast))
+    assert paper.lesion_contrast[0] < 0.5 * sdip.lesion_contrast[0]
     # alpha 0 with the guard still keeps the OSEM in the lesion; alpha 1 is mostly OSEM.
     assert sdip.wm_cov_percent[0] < sdip.wm_cov_percent[-1] <= rows[k["osem"]]["wm_cov_percent"] + 1e-6
     # The Gaussian row has SDIP's noise (the smallest FWHM that is as quiet).
