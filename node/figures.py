@@ -233,7 +233,8 @@ def tradeoff_figure(r: ReportInputs, a: Analysis, path: Path) -> Path:
                 span = f"{c.parameter} {span}"
             paper = c.method == PAPER_SDIP
             ax.plot(c.wm_cov_percent, ys, color=COLOURS[role], marker=marker, ms=3.5, lw=1.2,
-                    alpha=0.45 if paper else 0.85, ls="--" if paper else "-", mfc="none" if paper else None,
+                    alpha=0.6 if paper else 0.85, ls="--" if paper else "-", mfc="none" if paper else None,
+                    zorder=3 if paper else 2,
                     label=f"{c.method}: {span}")
             if paper:
                 continue  # its alphas are the curve above's: not labelled twice
