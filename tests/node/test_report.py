@@ -15,8 +15,8 @@ from scipy import ndimage
 from dipnode.models.gaussian import gaussian_filter_fwhm
 from dipnode.models.metrics import wm_noise
 from dipnode.models.stability import normalised_stability
-from dipnode.node import figures
-from dipnode.node.report import (
+from dipnode.node.cli import figures
+from dipnode.node.cli.report import (
     ALPHAS,
     GAUSSIAN_FWHMS,
     NOISE_MARGIN_MM,

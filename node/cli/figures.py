@@ -1,4 +1,4 @@
-"""The demo report's two figures, drawn from node/report.py's ``Analysis`` (no number here is
+"""The demo report's two figures, drawn from node/cli/report.py's ``Analysis`` (no number here is
 computed twice): the images (the paper's layout, zoomed on the nuclei and the lesion, with line
 profiles) and the noise trade-off plots.
 
@@ -19,7 +19,7 @@ from matplotlib.colors import ListedColormap  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
-from dipnode.node.report import PAPER_SDIP, Analysis, ReportInputs, noise_mask_text  # noqa: E402
+from dipnode.node.cli.report import PAPER_SDIP, Analysis, ReportInputs, noise_mask_text  # noqa: E402
 
 # Patient axis letters (LPS: +x left, +y posterior, +z superior), for a direction's sign.
 _LETTERS = (("R", "L"), ("A", "P"), ("I", "S"))

@@ -1,7 +1,7 @@
 """The demo's report: every number of its figures and table, computed once from the arrays.
 
 Arrays in, numbers out (``analyse``), then files (``write_report``: the two figures of
-node/figures.py, metrics.md and metrics.json). The figures and the table read one
+node/cli/figures.py, metrics.md and metrics.json). The figures and the table read one
 ``Analysis``, so a point on the trade-off plot is the same number as its row in the table.
 Metrics are models/metrics.py's, on the phantom's ROIs, except white-matter noise, which is
 measured in a white-matter ROI kept clear of other tissue (``noise_mask``).
@@ -188,7 +188,7 @@ def noise_mask_text(a: Analysis, r: ReportInputs) -> str:
 
 
 def write_report(r: ReportInputs, out_dir: Path, notes: Mapping[str, object]) -> dict[str, Path]:
-    from dipnode.node.figures import image_figure, tradeoff_figure  # matplotlib: only here
+    from dipnode.node.cli.figures import image_figure, tradeoff_figure  # matplotlib: only here
 
     out_dir.mkdir(parents=True, exist_ok=True)
     a = analyse(r)
