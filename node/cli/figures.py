@@ -19,7 +19,8 @@ from matplotlib.colors import ListedColormap  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
-from dipnode.node.cli.report import PAPER_SDIP, Analysis, ReportInputs, noise_mask_text  # noqa: E402
+# The figures take node/cli/report.py's ReportInputs and Analysis (annotations only: report.py
+# imports this module to draw, and an import back would be a loop).
 
 # Patient axis letters (LPS: +x left, +y posterior, +z superior), for a direction's sign.
 _LETTERS = (("R", "L"), ("A", "P"), ("I", "S"))
@@ -218,11 +219,12 @@ def tradeoff_figure(r: ReportInputs, a: Analysis, path: Path) -> Path:
     ax_pvr, ax_les = fig.add_subplot(gs[0, 0]), fig.add_subplot(gs[0, 1])
     ax_mask = fig.add_subplot(gs[0, 2])
     di = r.spacing[2]
-    style = {"OSEM + Gaussian": ("gaussian", "o"), "conditional DIP": ("cdip", "^")}
+    marker_of = {"gaussian": "o", "cdip": "^", "sdip": "s", "sdip-paper": "s"}
     for ax, metric, label in ((ax_pvr, "pvr", "peak-to-valley ratio (nuclei)"),
                               (ax_les, "lesion_contrast", "lesion contrast (lesion / ring \u2212 1)")):
         for c in a.curves:
-            role, marker = style.get(c.method, ("sdip", "s"))
+            paper = c.role == "sdip-paper"
+            role, marker = ("sdip" if paper else c.role), marker_of[c.role]
             ys = getattr(c, metric)
             span = f"{c.values[0]:g}\u2013{c.values[-1]:g}"
             if c.parameter.startswith("FWHM"):
@@ -231,7 +233,6 @@ def tradeoff_figure(r: ReportInputs, a: Analysis, path: Path) -> Path:
                 span = f"every epoch, {span}"
             else:
                 span = f"{c.parameter} {span}"
-            paper = c.method == PAPER_SDIP
             ax.plot(c.wm_cov_percent, ys, color=COLOURS[role], marker=marker, ms=3.5, lw=1.2,
                     alpha=0.6 if paper else 0.85, ls="--" if paper else "-", mfc="none" if paper else None,
                     zorder=3 if paper else 2,
@@ -275,7 +276,7 @@ def tradeoff_figure(r: ReportInputs, a: Analysis, path: Path) -> Path:
     ax_mask.set_xticks([]), ax_mask.set_yticks([])
     ax_mask.set_title(f"white-matter noise ROI (red; cyan: grey matter)\nslice {kk + 1}: "
                       f"{int(counts[kk])} of its {int(a.noise_mask.sum())} voxels", fontsize=9)
-    ax_mask.set_xlabel(_wrap(noise_mask_text(a, r), 52), fontsize=8)
+    ax_mask.set_xlabel(_wrap(a.noise_mask_text, 52), fontsize=8)
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
     return path

@@ -71,6 +71,7 @@ class Curve:
     wm_cov_percent: tuple[float, ...]
     pvr: tuple[float, ...]
     lesion_contrast: tuple[float, ...]
+    role: str = ""  # the figure's colour: "gaussian", "cdip", "sdip" or "sdip-paper"
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,7 @@ class Analysis:
     keys: dict[str, str]
     table: dict[str, dict[str, float]]
     curves: list[Curve]
+    noise_mask_text: str = ""  # how the noise ROI was made, its size and its noise-free CoV
 
 
 def noise_mask(r: ReportInputs) -> np.ndarray:
@@ -116,10 +118,10 @@ def _point(img: np.ndarray, masks: Mapping[str, np.ndarray]) -> tuple[float, flo
             lesion_contrast(img, masks["lesion"], masks["lesion_background"]))
 
 
-def _curve(method: str, parameter: str, values, imgs, masks) -> Curve:
+def _curve(method: str, parameter: str, values, imgs, masks, role: str) -> Curve:
     pts = [_point(img, masks) for img in imgs]
     cov, pvr, les = (tuple(float(p[i]) for p in pts) for i in range(3))
-    return Curve(method, parameter, tuple(float(v) for v in values), cov, pvr, les)
+    return Curve(method, parameter, tuple(float(v) for v in values), cov, pvr, les, role)
 
 
 def matched_gaussian_fwhm(osem: np.ndarray, target_cov: float, wm: np.ndarray) -> float:
@@ -152,18 +154,25 @@ def analyse(r: ReportInputs) -> Analysis:
     epochs = sorted(r.snapshots)
     curves = [
         _curve("OSEM + Gaussian", "FWHM (voxels)", GAUSSIAN_FWHMS,
-               [gaussian_filter_fwhm(r.osem, f) for f in GAUSSIAN_FWHMS], masks),
-        _curve("conditional DIP", "epoch", epochs, [r.snapshots[e] for e in epochs], masks),
+               [gaussian_filter_fwhm(r.osem, f) for f in GAUSSIAN_FWHMS], masks, "gaussian"),
+        _curve("conditional DIP", "epoch", epochs, [r.snapshots[e] for e in epochs], masks, "cdip"),
         _curve("SDIP" if r.guard is None else "SDIP with the guard", "alpha", ALPHAS,
-               [sdip_at(r, a) for a in ALPHAS], masks),
+               [sdip_at(r, a) for a in ALPHAS], masks, "sdip"),
     ]
     if r.guard is not None:  # what the guard adds: the paper's blend of the same fit
         curves.append(_curve(PAPER_SDIP, "alpha", ALPHAS,
-                             [sdip_at(r, a, guard=False) for a in ALPHAS], masks))
+                             [sdip_at(r, a, guard=False) for a in ALPHAS], masks, "sdip-paper"))
     floor = {f: wm_noise(gaussian_filter_fwhm(r.truth, f), nm).cov_percent
              for f in (0.0, GAUSSIAN_FWHMS[-1])}
+    n_slices = int(np.unique(np.nonzero(nm)[0]).size)
+    hi = GAUSSIAN_FWHMS[-1]
+    text = (f"{int(nm.sum())} voxels on {n_slices} slices: the white-matter ROI "
+            f"({int(np.sum(r.masks['wm']))} voxels) at least {NOISE_MARGIN_MM:g} mm from any voxel "
+            f"whose true activity is over {100 * NOISE_TISSUE_TOLERANCE:g} % from white matter's; "
+            f"the noise-free phantom's CoV there is {floor[0.0]:.1f} % "
+            f"({floor[hi]:.1f} % after a {hi:g}-voxel Gaussian)")
     return Analysis(noise_mask=nm, noise_floor=floor, gaussian_fwhm=fwhm, images=imgs, keys=keys,
-                    table=table, curves=curves)
+                    table=table, curves=curves, noise_mask_text=text)
 
 
 def markdown_table(t: dict[str, dict[str, float]]) -> str:
@@ -177,16 +186,6 @@ def markdown_table(t: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def noise_mask_text(a: Analysis, r: ReportInputs) -> str:
-    n_slices = int(np.unique(np.nonzero(a.noise_mask)[0]).size)
-    hi = GAUSSIAN_FWHMS[-1]
-    return (f"{int(a.noise_mask.sum())} voxels on {n_slices} slices: the white-matter ROI "
-            f"({int(np.sum(r.masks['wm']))} voxels) at least {NOISE_MARGIN_MM:g} mm from any voxel whose "
-            f"true activity is over {100 * NOISE_TISSUE_TOLERANCE:g} % from white matter's; "
-            f"the noise-free phantom's CoV there is {a.noise_floor[0.0]:.1f} % "
-            f"({a.noise_floor[hi]:.1f} % after a {hi:g}-voxel Gaussian)")
-
-
 def write_report(r: ReportInputs, out_dir: Path, notes: Mapping[str, object]) -> dict[str, Path]:
     from dipnode.node.cli.figures import image_figure, tradeoff_figure  # matplotlib: only here
 
@@ -198,7 +197,7 @@ def write_report(r: ReportInputs, out_dir: Path, notes: Mapping[str, object]) ->
         "metrics_json": out_dir / "metrics.json",
         "metrics_md": out_dir / "metrics.md",
     }
-    mask_text = noise_mask_text(a, r)
+    mask_text = a.noise_mask_text
     paths["metrics_json"].write_text(json.dumps(
         {"metrics": a.table, "curves": [asdict(c) for c in a.curves],
          "gaussian_fwhm_voxels": a.gaussian_fwhm,
