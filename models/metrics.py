@@ -13,6 +13,9 @@ midbrain nuclei, and bias against the full-dose image; we fix the details here):
 - ``roi_bias``: ``100 * (mean(img) - mean(reference)) / mean(reference)`` in the mask, in %
   (the reference is the full-dose image or the true activity).
 - ``lesion_contrast``: ``(mean(lesion) - mean(background)) / mean(background)``.
+- ``away_from``: the voxels of a mask at least a distance (mm) from any voxel of another: a
+  white-matter ROI clear of grey matter, so that smoothing does not mix grey matter into it
+  and raise its spread (partial volume read as noise).
 """
 from __future__ import annotations
 
@@ -98,6 +101,30 @@ def peak_to_valley(
     peaks = [float(reduce(_values(img, m, f"nuclei_masks[{i}]"))) for i, m in enumerate(masks)]
     valley = _nonzero(roi_mean(img, valley_mask), "valley_mask")
     return float(np.mean(peaks)) / valley
+
+
+def away_from(mask: np.ndarray, exclude: np.ndarray, spacing: Sequence[float],
+              margin_mm: float) -> np.ndarray:
+    """The voxels of ``mask`` whose centre is at least ``margin_mm`` from every voxel of
+    ``exclude`` (Euclidean, voxel centres, ``spacing`` in mm in array order). May be empty."""
+    from scipy import ndimage
+
+    mask = np.asarray(mask)
+    exclude = np.asarray(exclude)
+    for name, m in (("mask", mask), ("exclude", exclude)):
+        if m.dtype != bool:
+            raise MetricsError(f"{name}: expected a boolean mask, got dtype {m.dtype}")
+    if exclude.shape != mask.shape:
+        raise MetricsError(f"exclude: expected the mask's shape {mask.shape}, got {exclude.shape}")
+    sp = tuple(float(v) for v in spacing)
+    if len(sp) != mask.ndim or not all(np.isfinite(v) and v > 0 for v in sp):
+        raise MetricsError(f"spacing: expected {mask.ndim} positive numbers (mm), got {spacing!r}")
+    if not (np.isfinite(margin_mm) and margin_mm >= 0):
+        raise MetricsError(f"margin_mm: expected a finite number >= 0, got {margin_mm!r}")
+    if not exclude.any():
+        return mask.copy()
+    distance = ndimage.distance_transform_edt(~exclude, sampling=sp)
+    return mask & (distance >= margin_mm)
 
 
 def roi_bias(img: np.ndarray, reference: np.ndarray, mask: np.ndarray) -> float:

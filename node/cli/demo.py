@@ -83,7 +83,7 @@ def run_demo(out: Path, *, preset_name: str | None = None, voxel_mm: float | Non
     # The node runs the pipeline as always; the demo also keeps DIP snapshots for its trade-off
     # curves and the fit itself for the report.
     results: list[pipeline.PipelineResult] = []
-    snapshots = tuple(range(2, params.epochs + 1, max(1, params.epochs // 10)))
+    snapshots = tuple(range(1, params.epochs + 1))  # every epoch: the DIP curve of the trade-off plot
 
     def run_and_keep(*args, **kwargs) -> pipeline.PipelineResult:
         result = pipeline.run(*args, snapshot_epochs=snapshots, **kwargs)
@@ -130,7 +130,8 @@ def run_demo(out: Path, *, preset_name: str | None = None, voxel_mm: float | Non
     inputs = ReportInputs(mr=run.mr_on_pet, osem=pet.values, full_dose=study.osem_full_dose,
                           dip=fit.dip, stability=fit.stability, sdip=sdip_vol.values,
                           snapshots=fit.snapshots, masks=study.phantom.masks, alpha=params.alpha,
-                          data_weight=fit.data_weight)
+                          data_weight=fit.data_weight, network=fit.network_image, guard=fit.guard,
+                          truth=study.phantom.activity, affine=pet.geometry.affine)
     notes = {
         "preset": preset_name, "device": fit.device, "epochs": params.epochs,
         "network": f"U-Net base {params.base_channels}, depth {params.depth}",

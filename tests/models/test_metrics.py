@@ -6,6 +6,7 @@ import pytest
 
 from dipnode.models.metrics import (
     MetricsError,
+    away_from,
     lesion_contrast,
     metrics_table,
     peak_to_valley,
@@ -110,3 +111,32 @@ def test_errors_name_the_argument() -> None:
     with pytest.raises(MetricsError, match="missing"):
         metrics_table(img, img, {"wm": good})
     assert issubclass(MetricsError, ValueError)
+
+
+def test_away_from_keeps_voxels_at_the_margin_in_mm() -> None:
+    mask = np.ones((1, 1, 10), bool)
+    grey = np.zeros_like(mask)
+    grey[0, 0, 0] = True
+    # 3 mm voxels: voxel i lies 3*i mm from voxel 0; >= 9 mm keeps i = 3..9 (the margin inclusive).
+    kept = away_from(mask, grey, (1.0, 1.0, 3.0), 9.0)
+    assert np.flatnonzero(kept[0, 0]).tolist() == list(range(3, 10))
+    # Anisotropic: the distance is in mm along each axis, not in voxels.
+    mask3 = np.ones((5, 1, 5), bool)
+    grey3 = np.zeros_like(mask3)
+    grey3[0, 0, 0] = True
+    kept3 = away_from(mask3, grey3, (4.0, 1.0, 1.0), 4.0)
+    assert kept3[1, 0, 0] and not kept3[0, 0, 3] and kept3[0, 0, 4]
+    assert away_from(mask, np.zeros_like(mask), (1, 1, 1), 50.0).all()
+    assert not away_from(mask, grey, (1, 1, 1), 100.0).any()
+
+
+def test_away_from_errors_name_the_argument() -> None:
+    m = np.ones((2, 2, 2), bool)
+    with pytest.raises(MetricsError, match="exclude: expected the mask's shape"):
+        away_from(m, np.ones((2, 2, 3), bool), (1, 1, 1), 1.0)
+    with pytest.raises(MetricsError, match="spacing"):
+        away_from(m, m, (1, 0, 1), 1.0)
+    with pytest.raises(MetricsError, match="margin_mm"):
+        away_from(m, m, (1, 1, 1), -1.0)
+    with pytest.raises(MetricsError, match="mask: expected a boolean"):
+        away_from(m.astype(int), m, (1, 1, 1), 1.0)

@@ -22,7 +22,12 @@ def test_demo_writes_the_report(tmp_path: Path) -> None:
     sdip = next(v for k, v in rows.items() if k.startswith("SDIP"))
     # The delivered SDIP (read back from the receiving store) is less noisy than the OSEM.
     assert sdip["wm_cov_percent"] < rows["OSEM (1/10 dose)"]["wm_cov_percent"]
-    assert {c["method"] for c in report["curves"]} == {"OSEM + Gaussian", "conditional DIP", "SDIP"}
+    curves = {c["method"]: c for c in report["curves"]}
+    assert set(curves) == {"OSEM + Gaussian", "conditional DIP", "SDIP with the guard",
+                           "SDIP without the guard (the paper's)"}
+    # The DIP curve has every epoch of the node's fit (the tiny preset: 12), not a sample.
+    assert curves["conditional DIP"]["values"] == [float(e) for e in range(1, 13)]
+    assert report["wm_noise_mask"]["voxels"] > 0
     # 16-bit DICOM round trip of what the PACS received against the fit's float output.
     diff = report["run"]["delivered SDIP (16-bit DICOM) vs the fit's float output (max abs diff / max)"]
     assert float(diff) < 1e-3
