@@ -29,6 +29,9 @@ class Method(str, Enum):
         return self is not Method.GAUSSIAN
 
 
+PRECISIONS = ("fp32", "tf32", "bf16")
+
+
 @dataclass(frozen=True)
 class DipParams:
     """Parameters of the conditional DIP fit, the stability map and the blend.
@@ -52,6 +55,19 @@ class DipParams:
         (models/guard.py); method ``sdip`` only.
     average: method ``sdip`` blends the mean of the sampled outputs (the ones S is the std
         of) instead of the last one; ``sdip-paper`` and ``cdip`` always use the last.
+
+    Speed switches (models/dip.py; bench/cost.py and bench/gpu.sh measure them). They change
+    how the fit is computed, not the method; each is off by default until measured on a GPU:
+    precision: "fp32" (IEEE float32 everywhere, TF32 off on CUDA), "tf32" (CUDA: convolutions
+        and matmuls in TensorFloat-32; on CPU the same as fp32) or "bf16" (the network's forward
+        under bfloat16 autocast; the loss, the optimiser state and the stability accumulator
+        stay float32/float64, since L-BFGS's line search compares losses).
+    channels_last: the network's weights and input in channels-last-3d memory order.
+    compile: ``torch.compile`` the network (a one-time compilation per fit).
+    cudnn_benchmark: let cuDNN time its convolution algorithms for this shape (CUDA only).
+    memory_limit_mb: refuse the fit, before it starts, with ``torch.OutOfMemoryError`` when its
+        estimated peak memory (``dip.fit_memory_bytes``) exceeds this; 0: no limit (the device's
+        own allocator still fails when it is really full). Lets several jobs share a GPU.
     """
 
     epochs: int = 200
@@ -69,6 +85,11 @@ class DipParams:
     input_jitter: float = 0.0
     guard_fwe: float = 0.05
     average: bool = True
+    precision: str = "fp32"
+    channels_last: bool = False
+    compile: bool = False
+    cudnn_benchmark: bool = False
+    memory_limit_mb: int = 0
 
     def __post_init__(self) -> None:
         def bad(name: str, expected: str) -> ValueError:
@@ -106,6 +127,13 @@ class DipParams:
             raise bad("average", "true or false")
         if not self.input_jitter >= 0:
             raise bad("input_jitter", "a number >= 0")
+        if self.precision not in PRECISIONS:
+            raise bad("precision", f"one of {list(PRECISIONS)}")
+        for name in ("channels_last", "compile", "cudnn_benchmark"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, "true or false")
+        if not (isinstance(self.memory_limit_mb, int) and self.memory_limit_mb >= 0):
+            raise bad("memory_limit_mb", "an integer >= 0 (0: no limit)")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise bad("device", "'auto', 'cpu', 'cuda' or 'cuda:N'")
 
