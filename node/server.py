@@ -18,6 +18,7 @@ from dipnode.dicom_io.scp import ReceivedInstance, start_receiver
 from dipnode.dicom_io.scu import Destination as Peer
 from dipnode.dicom_io.scu import send_files
 from dipnode.dicom_io.status import Status, StoreRefused
+from dipnode.models.denoise import DipOutOfMemoryError
 from dipnode.models.params import DipParams, Method
 from dipnode.node import pipeline, wire
 from dipnode.node.completion import complete_due, instance_record
@@ -213,13 +214,21 @@ class Node:
             series_number_weight=o.series_number_weight or 0,
             series_number_weight_plain=o.series_number_weight_plain or 0,
             description_prefix=o.description_prefix, research=o.research, uid_seed=job.uid_seed)
+        fallback: str | None = None
         try:
             pet_paths = self.store.series_instances(job.pet_series_uid)
             mr_paths = self.store.series_instances(job.mr_series_uid) if job.mr_series_uid else None
             log.info("job %d running: %s on PET %s", job.id, method.value, job.pet_series_uid)
-            result = pipeline.run(pet_paths, mr_paths, out_dir, method=method, params=params,
-                                  options=options, progress=progress,
-                                  snapshot_epochs=self._snapshot_epochs)
+            try:
+                result = pipeline.run(pet_paths, mr_paths, out_dir, method=method, params=params,
+                                      options=options, progress=progress,
+                                      snapshot_epochs=self._snapshot_epochs)
+            except DipOutOfMemoryError as oom:
+                method, params, fallback = self._after_oom(job.id, oom, method, params)
+                shutil.rmtree(out_dir, ignore_errors=True)
+                result = pipeline.run(pet_paths, mr_paths, out_dir, method=method, params=params,
+                                      options=options, progress=progress,
+                                      snapshot_epochs=self._snapshot_epochs)
         except Stopping:
             log.info("job %d interrupted by the stop; it resumes at the next start", job.id)
             return
@@ -235,8 +244,28 @@ class Node:
         if self._observer is not None:
             self._observer(job.id, result)
         now = time.time()
-        self.store.transition(job.id, JobState.SENDING, now, progress=1.0, output_dir=str(out_dir))
+        self.store.transition(job.id, JobState.SENDING, now, progress=1.0, output_dir=str(out_dir),
+                              reason=fallback, method=method.value,
+                              params=params.as_dict() if fallback else None)
         self._hand_over(job.id, str(out_dir), now)
+
+    def _after_oom(self, job_id: int, oom: DipOutOfMemoryError, method: Method,
+                   params: DipParams) -> tuple[Method, DipParams, str]:
+        """[workers] on_oom: re-raise ("fail": the job fails with the reason), or the method and
+        parameters to run the job again with, and the note its record keeps."""
+        policy = self.settings.workers.on_oom
+        if policy == "fail":
+            raise oom
+        if policy == "cpu":
+            # No memory limit on the host; the rest of the method is unchanged (same seed and
+            # schedule), so the result is the one the device would have given, only slower.
+            params = params.replace(device="cpu", memory_limit_mb=0)
+            note = f"{oom}; ran on the CPU instead (on_oom = cpu)"
+        else:
+            method = Method.GAUSSIAN
+            note = f"{oom}; OSEM + Gaussian instead (on_oom = gaussian)"
+        log.warning("job %d: %s", job_id, note)
+        return method, params, note[:2000]
 
     def _hand_over(self, job_id: int, out_dir: str, now: float) -> None:
         """A SENDING job gets one pending delivery per destination, or is DONE without any."""
