@@ -149,3 +149,11 @@ def test_torch_welford_matches_numpy_welford():
     np.testing.assert_allclose(b.mean, a.mean, rtol=1e-12)
     np.testing.assert_allclose(b.std(ddof=1), a.std(ddof=1), rtol=1e-12)
     np.testing.assert_allclose(b.std(ddof=1), np.std(xs, axis=0, ddof=1), rtol=1e-10)
+
+
+def test_papernet_preset_is_exactly_what_the_fidelity_benchmark_measured():
+    from benchmods import load_bench
+
+    fidelity = load_bench("fidelity")
+    measured = fidelity.network_params("papernet", seed=0)
+    assert preset("papernet").replace(device="cpu") == measured
