@@ -137,7 +137,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         _sync(device)
         pass_s = (time.perf_counter() - t0) / args.passes
         out["pass_s"] = round(pass_s, 4)
-        out["tflop_per_s"] = round(out["flops_per_pass"] / pass_s / 1e12, 3)  # type: ignore[operator]
+        out["gflop_per_s"] = round(out["flops_per_pass"] / pass_s / 1e9, 2)  # type: ignore[operator]
         if args.epochs:
             optimizer = make_lbfgs(net.parameters(), params)
             calls = [0]
@@ -209,8 +209,8 @@ def human(r: dict) -> str:
               if "passes_estimate" in r else f"<= {r['passes_bound']} passes")
     return (f"{r['preset']} {'x'.join(map(str, r['shape']))} on {r['device']} ({r['precision']}"
             f"{', channels-last' if r['channels_last'] else ''}{', compiled' if r['compile'] else ''}): "
-            f"{r['flops_per_pass'] / 1e12:.3f} TFLOP/pass, {r['pass_s']:.3f} s/pass "
-            f"({r['tflop_per_s']:.2f} TFLOP/s), peak {r['peak_mem_mib']:.0f} MiB "
+            f"{r['flops_per_pass'] / 1e9:.1f} GFLOP/pass, {r['pass_s']:.3f} s/pass "
+            f"({r['gflop_per_s']:.1f} GFLOP/s), peak {r['peak_mem_mib']:.0f} MiB "
             f"(estimate {r['estimate_mib']:.0f}); {passes}; whole fit ~{r['fit_estimate_s']:.0f} s")
 
 

@@ -17,7 +17,7 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--method", choices=["sdip", "sdip-paper", "cdip", "gaussian"], default=None,
                    help="sdip: with the data-consistency guard (default); sdip-paper: the "
                         "paper's method exactly")
-    g.add_argument("--preset", default=None, help="paper (GPU), fast (CPU demo) or tiny (tests)")
+    g.add_argument("--preset", default=None, help="paper (GPU), papernet (GPU, 12 x 10), fast (CPU demo) or tiny (tests)")
     g.add_argument("--alpha", type=float, default=None, help="blend strength (paper 0.6)")
     g.add_argument("--epochs", type=int, default=None)
     g.add_argument("--sample-from", type=int, default=None, help="m: first epoch sampled")

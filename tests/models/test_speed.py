@@ -157,3 +157,23 @@ def test_papernet_preset_is_exactly_what_the_fidelity_benchmark_measured():
     fidelity = load_bench("fidelity")
     measured = fidelity.network_params("papernet", seed=0)
     assert preset("papernet").replace(device="cpu") == measured
+
+
+def test_cost_bench_counts_the_fits_passes_and_flops():
+    """bench/cost.py: the passes it reports are the fit's own count; FLOPs scale with voxels
+    and with the width squared (3x3x3 convolutions), counted on the meta device."""
+    from benchmods import load_bench
+
+    cost = load_bench("cost")
+    args = cost.parse_args(["--preset", "tiny", "--shape", "8", "12", "10", "--device", "cpu",
+                            "--passes", "1", "--epochs", "1", "--fit", "--fit-epochs", "4"])
+    r = cost.run(args)
+    assert r["passes"] == sum(r["passes_per_epoch"]) and len(r["passes_per_epoch"]) == 4
+    assert r["passes"] <= r["passes_bound"]
+    assert r["pass_s"] > 0 and r["peak_mem_mib"] > 0
+    tiny = preset("tiny")
+    f1 = cost.flops_per_pass((16, 16, 16), tiny)
+    assert cost.flops_per_pass((32, 16, 16), tiny) == pytest.approx(2 * f1, rel=0.05)
+    f_wide = cost.flops_per_pass((16, 16, 16), tiny.replace(base_channels=8))
+    assert 3.0 < f_wide / f1 < 4.2  # the first conv (1 input channel) grows only linearly
+    assert cost.flops_per_pass((112, 136, 136), preset("paper")) == 787_950_600_192  # bench/README.md
