@@ -1,7 +1,7 @@
-"""Write a processed PET volume as a derived PET series that a PACS and SUV tools accept.
+"""A processed PET volume as a derived PET series that a PACS and SUV tools accept.
 
 One PET Image Storage instance per source slice, on the source geometry and in the source
-study, with everything SUV depends on copied unchanged (DESIGN.md "Outputs that a PACS and a
+study, with everything SUV depends on copied unchanged (docs/DESIGN.md "Outputs that a PACS and a
 radiologist accept"). Pixels are signed 16-bit with a per-slice Rescale Slope and Rescale
 Intercept 0 (PS3.3 C.8.9.4.1.2 requires 0 for PET): signed so that a slightly negative value
 (possible after blending or filtering) stays representable instead of being clipped, at the
@@ -14,11 +14,12 @@ import copy
 from pathlib import Path
 
 import numpy as np
-from pydicom import dcmwrite
+from pydicom.dataelem import RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, PositronEmissionTomographyImageStorage
 
 from dipnode.dicom_io.errors import DicomOutputError
+from dipnode.dicom_io.files import write_datasets
 from dipnode.dicom_io.provenance import OutputSpec, apply_derivation
 from dipnode.dicom_io.uids import derive_uid
 from dipnode.dicom_io.volume import Volume
@@ -36,11 +37,11 @@ _DROP = (
 
 def _check(source: Volume, values: np.ndarray) -> np.ndarray:
     if source.sop_class_uid != PositronEmissionTomographyImageStorage:
-        raise DicomOutputError(f"write_derived_pet: source.sop_class_uid expected PET Image Storage "
+        raise DicomOutputError(f"build_derived_pet: source.sop_class_uid expected PET Image Storage "
                                f"{PositronEmissionTomographyImageStorage}, got {source.sop_class_uid}")
-    arr = source.values_on_grid(values, "write_derived_pet", "values")
+    arr = source.values_on_grid(values, "build_derived_pet", "values")
     if len(source.headers) != arr.shape[0]:
-        raise DicomOutputError(f"write_derived_pet: source.headers expected {arr.shape[0]} slices, "
+        raise DicomOutputError(f"build_derived_pet: source.headers expected {arr.shape[0]} slices, "
                                f"got {len(source.headers)}")
     return arr.astype(np.float64)
 
@@ -54,12 +55,32 @@ def _encode_slice(plane: np.ndarray) -> tuple[bytes, float]:
     return stored.tobytes(), slope
 
 
+def keep_text_bytes(ds: Dataset, raw: dict[int, RawDataElement]) -> None:
+    """Put back, as received, every source text element that ``ds`` still carries unchanged.
+
+    Copying decodes (pydicom) and re-encodes text; bytes that do not decode in the declared
+    character set (invalid UTF-8 under ISO_IR 192, say) would come back as U+FFFD. A patient's
+    name must be carried byte for byte, so an element whose value is still the source's is
+    replaced by the source's raw element; what the writer set itself stays its own. (Any
+    writer that copies source attributes can call it; the Parametric Map writer does not yet.)
+    """
+    encodings = ds._character_set
+    for tag, elem in raw.items():
+        if tag not in ds:
+            continue  # removed on purpose (e.g. moved to Contributing Equipment)
+        current = ds.get_item(tag)
+        if isinstance(current, RawDataElement):
+            continue
+        if convert_raw_data_element(elem, encoding=encodings).value == current.value:
+            ds[tag] = elem
+
+
 # PET Units (0054,1001) defined terms (PS3.3 C.8.9.1.1.3) a derived map may carry instead of
 # the source's: PCNT (percent) for a weight, NONE for a unitless value.
 _UNITS = ("BQML", "PCNT", "NONE")
 
 
-def write_derived_pet(source: Volume, values: np.ndarray, spec: OutputSpec, *,
+def build_derived_pet(source: Volume, values: np.ndarray, spec: OutputSpec, *,
                       units: str | None = None) -> list[Dataset]:
     """Return one derived PET dataset per source slice (k order), ready for dcmwrite.
 
@@ -67,7 +88,7 @@ def write_derived_pet(source: Volume, values: np.ndarray, spec: OutputSpec, *,
     "PCNT" or "NONE" for a map that is not an activity (a viewer then offers no SUV).
     """
     if units is not None and units not in _UNITS:
-        raise DicomOutputError(f"write_derived_pet: units expected one of {_UNITS}, got {units!r}")
+        raise DicomOutputError(f"build_derived_pet: units expected one of {_UNITS}, got {units!r}")
     arr = _check(source, values)
     date = spec.content_datetime.strftime("%Y%m%d")
     time = spec.content_datetime.strftime("%H%M%S")
@@ -100,6 +121,8 @@ def write_derived_pet(source: Volume, values: np.ndarray, spec: OutputSpec, *,
         if not ds.get("BodyPartExamined") and "Laterality" not in ds:
             # General Series needs Laterality (2C) unless the part is unpaired: brain PET.
             ds.BodyPartExamined = "HEAD"
+        if k < len(source.raw_text):
+            keep_text_bytes(ds, dict(source.raw_text[k]))
         pixels, slope = _encode_slice(arr[k])
         ds.SamplesPerPixel = 1
         ds.PhotometricInterpretation = "MONOCHROME2"
@@ -118,13 +141,7 @@ def write_derived_pet(source: Volume, values: np.ndarray, spec: OutputSpec, *,
     return out
 
 
-def write_series(datasets: list[Dataset], out_dir: str | Path) -> list[Path]:
-    """Write datasets as ``<SOPInstanceUID>.dcm`` files in out_dir; return the paths."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for ds in datasets:
-        path = out / f"{ds.SOPInstanceUID}.dcm"
-        dcmwrite(path, ds, enforce_file_format=True)
-        paths.append(path)
-    return paths
+def write_derived_pet(source: Volume, values: np.ndarray, spec: OutputSpec, out_dir: Path, *,
+                      units: str | None = None) -> list[Path]:
+    """Build the derived PET series (:func:`build_derived_pet`) and write it to ``out_dir``."""
+    return write_datasets(build_derived_pet(source, values, spec, units=units), out_dir)

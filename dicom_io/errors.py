@@ -1,4 +1,4 @@
-"""Errors raised at the DICOM file boundary.
+"""Errors raised at the DICOM boundary (files, wire configuration).
 
 Every error is a ValueError subclass (bad input, not a bug) and names the series UID, the
 attribute, the expected and the actual value, so an operator can act on the log line alone.
@@ -36,6 +36,10 @@ class MalformedDicomError(DicomInputError):
 
 class DicomOutputError(ValueError):
     """Arguments to a writer that would produce an invalid or misleading object."""
+
+
+class ConfigError(ValueError):
+    """A receiver, sender or TLS setting is out of range; the message names it."""
 
 
 def missing(attribute: str, series_uid: str, needed_for: str) -> MissingAttributeError:

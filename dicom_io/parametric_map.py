@@ -1,4 +1,4 @@
-"""Write SDIP's per-voxel maps as highdicom Parametric Maps on the PET grid.
+"""SDIP's per-voxel maps as highdicom Parametric Maps on the PET grid: build, and write.
 
 Two maps, each its own series (a viewer shows one Parametric Map series as one image; few
 show a second channel): the stability map S (a standard deviation of network outputs, so
@@ -12,6 +12,8 @@ study), so it is named in the derivation description instead.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 from highdicom import ContributingEquipment, PlanePositionSequence, CoordinateSystemNames
 from highdicom.content import (
@@ -24,6 +26,7 @@ from highdicom.sr import CodedConcept
 from pydicom.sr.codedict import codes
 
 from dipnode.dicom_io.errors import DicomOutputError
+from dipnode.dicom_io.files import write_datasets
 from dipnode.dicom_io.provenance import OutputSpec, _ST_MAX
 from dipnode.dicom_io.uids import derive_uid
 from dipnode.dicom_io.volume import Volume
@@ -33,7 +36,7 @@ _DEFAULT_UNIT = ("Bq/mL", "UCUM", "Bq/mL")
 UNIT_ONE = ("1", "UCUM", "no units")
 
 
-def write_stability_map(
+def build_stability_map(
     source: Volume,
     stability: np.ndarray,
     spec: OutputSpec,
@@ -43,13 +46,13 @@ def write_stability_map(
 ) -> ParametricMap:
     """Return a Parametric Map of ``stability`` (k, j, i) on ``source``'s grid."""
     return _parametric_map(
-        source, stability, spec, who="write_stability_map", name="stability", unit=unit,
+        source, stability, spec, who="build_stability_map", name="stability", unit=unit,
         lut_label="SDIP_STD", lut_explanation="SDIP stability: std of network outputs",
         content_label="STABILITY", content_description="SDIP stability map",
         uid_role="stability-map", mr_reference_note=mr_reference_note)
 
 
-def write_data_weight_map(
+def build_data_weight_map(
     source: Volume,
     weight: np.ndarray,
     spec: OutputSpec,
@@ -62,12 +65,12 @@ def write_data_weight_map(
     (x = w·OSEM + (1 − w)·network): 1 where the measured value was kept (unstable fit or the
     data-consistency guard), 0 where the network's value was used.
     """
-    arr = source.values_on_grid(weight, "write_data_weight_map", "weight")
+    arr = source.values_on_grid(weight, "build_data_weight_map", "weight")
     if not np.all((arr >= 0) & (arr <= 1)):
-        raise DicomOutputError("write_data_weight_map: weight expected values in [0, 1], got "
+        raise DicomOutputError("build_data_weight_map: weight expected values in [0, 1], got "
                                f"[{float(np.min(arr)):g}, {float(np.max(arr)):g}]")
     return _parametric_map(
-        source, arr, spec, who="write_data_weight_map", name="weight", unit=UNIT_ONE,
+        source, arr, spec, who="build_data_weight_map", name="weight", unit=UNIT_ONE,
         lut_label="DATA_WEIGHT",
         lut_explanation="fraction of measured OSEM value kept (1 = OSEM)",
         content_label="DATAWEIGHT",
@@ -176,3 +179,34 @@ def _parametric_map(
         for item in frame.get("DerivationImageSequence", []):
             item.DerivationDescription = description
     return pm
+
+
+def write_stability_map(
+    source: Volume,
+    stability: np.ndarray,
+    spec: OutputSpec,
+    out_dir: Path,
+    *,
+    unit: tuple[str, str, str] = _DEFAULT_UNIT,
+    mr_reference_note: str = "",
+) -> Path:
+    """Build the Parametric Map (:func:`build_stability_map`) and write it to ``out_dir`` as
+    ``<SOPInstanceUID>.dcm``; returns the path."""
+    pm = build_stability_map(source, stability, spec, unit=unit, mr_reference_note=mr_reference_note)
+    [path] = write_datasets([pm], out_dir)
+    return path
+
+
+def write_data_weight_map(
+    source: Volume,
+    weight: np.ndarray,
+    spec: OutputSpec,
+    out_dir: Path,
+    *,
+    mr_reference_note: str = "",
+) -> Path:
+    """Build the data-weight Parametric Map (:func:`build_data_weight_map`) and write it to
+    ``out_dir`` as ``<SOPInstanceUID>.dcm``; returns the path."""
+    pm = build_data_weight_map(source, weight, spec, mr_reference_note=mr_reference_note)
+    [path] = write_datasets([pm], out_dir)
+    return path

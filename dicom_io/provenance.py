@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass, field
-import re
 from importlib import metadata
 
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
 from dipnode.dicom_io.errors import DicomOutputError
+from dipnode.dicom_io.vr import is_uid
 
 PROCESSING_EQUIPMENT = ("109102", "DCM", "Processing Equipment")
 ACQUISITION_EQUIPMENT = ("109101", "DCM", "Acquisition Equipment")
@@ -29,10 +29,11 @@ SOURCE_FOR_PROCESSING = ("121322", "DCM", "Source image for image processing ope
 RESEARCH_SUFFIX = " [RESEARCH]"
 _LO_MAX = 64      # Long String (PS3.5 6.2)
 _ST_MAX = 1024    # Short Text
-_UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")  # PS3.5 9.1
 
 
-def _package_version() -> str:
+def software_version() -> str:
+    """dipnode's version for Software Versions (0018,1020) and the logs: the installed
+    package's, or ``0+unknown`` when running from a source tree that was not installed."""
     try:
         return metadata.version("dipnode")
     except metadata.PackageNotFoundError:
@@ -50,12 +51,12 @@ class OutputSpec:
     uid_seed: str
     content_datetime: dt.datetime
     software_name: str = "dipnode"
-    software_version: str = field(default_factory=_package_version)
+    software_version: str = field(default_factory=software_version)
     manufacturer: str = "dipnode project"
     research: bool = True
 
     def __post_init__(self) -> None:
-        if len(self.series_instance_uid) > 64 or not _UID_RE.match(self.series_instance_uid):
+        if not is_uid(self.series_instance_uid, strict=True):  # PS3.5 9.1
             raise DicomOutputError(f"OutputSpec: series_instance_uid expected a valid UID, got "
                                    f"{self.series_instance_uid!r}")
         if not 0 <= self.series_number <= 2**31 - 1:

@@ -24,8 +24,10 @@ from pynetdicom import AE, evt
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.sop_class import Verification
 
-from .scp import ConfigError, check_ae_title, set_tcp_nodelay
+from .errors import ConfigError
+from .scp import set_tcp_nodelay
 from .status import describe, is_stored
+from .vr import check_ae_title
 
 __all__ = [
     "MAX_CONTEXTS",
@@ -199,6 +201,12 @@ def _association_error(assoc: object, destination: Destination) -> str:
     return f"association with {destination} not established (peer unreachable or timed out)"
 
 
+def _address_error(exc: OSError, destination: Destination) -> str:
+    """An unresolvable host name is a peer that cannot be reached, not a crash."""
+    return (f"association with {destination} not established: cannot resolve or use host "
+            f"{destination.host!r} ({exc.strerror or exc})")
+
+
 def _tls_args(
     tls: ssl.SSLContext | None, destination: Destination
 ) -> tuple[ssl.SSLContext, str] | None:
@@ -224,9 +232,17 @@ def send_files(
     for source in items:
         try:
             described.append(_describe_item(source))
-        except (OSError, InvalidDicomError, AttributeError) as exc:
+        except InvalidDicomError:
+            # pydicom's own text tells a programmer to pass force=True; the user needs to know
+            # that this file is not a DICOM file (PS3.10 7.1: preamble, "DICM", file meta).
             results.append(InstanceResult(str(source), "", None, False,
-                                          f"unreadable: {type(exc).__name__}: {exc}"))
+                                          "not a DICOM file (no DICOM file meta information, "
+                                          "PS3.10 7.1)"))
+        except OSError as exc:
+            results.append(InstanceResult(str(source), "", None, False,
+                                          f"cannot read the file: {exc.strerror or exc}"))
+        except AttributeError as exc:
+            results.append(InstanceResult(str(source), "", None, False, str(exc)))
     total = len(results) + len(described)
     ae = _make_ae(calling_ae, timeout_s)
     association_ok = True
@@ -274,16 +290,20 @@ def _send_batch(ae: AE, batch: list[_Item], destination: Destination, tls: ssl.S
     """One association for one batch: (a result per item, error or None, aborted during
     transfer)."""
     contexts = build_contexts([(i.sop_class_uid, i.transfer_syntax_uid) for i in batch])
-    assoc = ae.associate(
-        destination.host,
-        destination.port,
-        contexts=contexts,
-        ae_title=destination.ae_title,
-        evt_handlers=[(evt.EVT_CONN_OPEN, set_tcp_nodelay)],
-        tls_args=_tls_args(tls, destination),
-    )
-    if not assoc.is_established:
-        error = _association_error(assoc, destination)
+    error: str | None = None
+    try:
+        assoc = ae.associate(
+            destination.host,
+            destination.port,
+            contexts=contexts,
+            ae_title=destination.ae_title,
+            evt_handlers=[(evt.EVT_CONN_OPEN, set_tcp_nodelay)],
+            tls_args=_tls_args(tls, destination),
+        )
+    except OSError as exc:  # pynetdicom resolves the host name before connecting
+        assoc, error = None, _address_error(exc, destination)
+    if assoc is None or not assoc.is_established:
+        error = error or _association_error(assoc, destination)
         log.warning("%s", error)
         failed = [InstanceResult(i.label, i.sop_instance_uid, None, False, error) for i in batch]
         for r in failed:
@@ -343,13 +363,16 @@ def echo(
     """C-ECHO ``destination`` (PS3.4 Annex A). Truthy when the peer answered SUCCESS."""
     ae = _make_ae(calling_ae, timeout_s)
     ae.add_requested_context(Verification)
-    assoc = ae.associate(
-        destination.host,
-        destination.port,
-        ae_title=destination.ae_title,
-        evt_handlers=[(evt.EVT_CONN_OPEN, set_tcp_nodelay)],
-        tls_args=_tls_args(tls, destination),
-    )
+    try:
+        assoc = ae.associate(
+            destination.host,
+            destination.port,
+            ae_title=destination.ae_title,
+            evt_handlers=[(evt.EVT_CONN_OPEN, set_tcp_nodelay)],
+            tls_args=_tls_args(tls, destination),
+        )
+    except OSError as exc:  # pynetdicom resolves the host name before connecting
+        return EchoResult(False, _address_error(exc, destination))
     if not assoc.is_established:
         return EchoResult(False, _association_error(assoc, destination))
     try:

@@ -16,8 +16,11 @@ from pathlib import Path
 
 import numpy as np
 from pydicom import dcmread
+from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.tag import Tag
 
 from dipnode.dicom_io.errors import (
     MalformedDicomError,
@@ -36,6 +39,44 @@ _MEDIA_DIRECTORY = "1.2.840.10008.1.3.10"  # Media Storage Directory Storage (DI
 _ORIENTATION_TOL = 1e-4   # direction cosines written with ~6-8 decimals
 _POSITION_TOL_MM = 0.01   # in-plane drift of IPP tolerated between slices
 _SPACING_REL_TOL = 0.01   # 1 % of the slice step, as ITK/dcm2niix tolerate
+# Value representations whose bytes depend on Specific Character Set (PS3.5 6.1.2.3): kept as
+# received, never decoded and re-encoded (a name must survive byte for byte, PS3.5 6.1).
+_TEXT_VRS = frozenset({"PN", "LO", "SH", "ST", "LT", "UT", "UC"})
+# What every instance of one series shares with the others (PS3.3 C.7.1-C.7.4: Patient,
+# Study, Frame of Reference modules are the same for all images of a series).
+_IDENTITY = (("PatientID", "Patient ID"), ("IssuerOfPatientID", "Issuer of Patient ID"),
+             ("StudyInstanceUID", "Study Instance UID"),
+             ("FrameOfReferenceUID", "Frame of Reference UID"))
+
+
+def raw_text_elements(ds: Dataset) -> dict[int, RawDataElement]:
+    """The top-level text elements of ``ds`` that are still undecoded, by tag."""
+    out: dict[int, RawDataElement] = {}
+    for tag in list(ds.keys()):
+        elem = ds.get_item(tag)
+        if not isinstance(elem, RawDataElement):
+            continue
+        vr = elem.VR
+        if vr is None:  # implicit VR: the dictionary's
+            try:
+                vr = dictionary_VR(tag)
+            except KeyError:
+                continue
+        if vr in _TEXT_VRS:
+            out[int(tag)] = elem
+    return out
+
+
+def _identity_value(ds: Dataset, keyword: str) -> bytes:
+    """The value of ``keyword`` for comparison, without decoding text that is still raw."""
+    tag = Tag(keyword)
+    if tag not in ds:
+        return b""
+    elem = ds.get_item(tag)
+    if isinstance(elem, RawDataElement):
+        return bytes(elem.value or b"").rstrip(b" \x00")
+    value = elem.value
+    return ("" if value is None else str(value)).strip().encode("utf-8", "surrogateescape")
 
 
 @dataclass(frozen=True)
@@ -53,10 +94,13 @@ def read_files(paths: Iterable[str | Path]) -> ReadReport:
     for p in map(Path, paths):
         try:
             ds = dcmread(p)
+            text = raw_text_elements(ds)
             # pydicom converts element values lazily: touch them all now, so a malformed
             # element (unknown VR, bad length) is found here and not in a later stage.
             for _ in ds.iterall():
                 pass
+            for tag, elem in text.items():  # text stays as received (raw_text_elements)
+                ds[tag] = elem
         except (InvalidDicomError, EOFError, OSError) as exc:
             skipped.append((p, f"not a readable DICOM file: {exc}"))
             continue
@@ -127,6 +171,17 @@ def _check_common(datasets: list[Dataset], modality: str | None) -> tuple[str, s
     found = modalities.pop()
     if modality is not None and found != modality:
         raise MixedSeriesError(f"series {series}: Modality expected {modality}, got {found}")
+    first = datasets[0]
+    for keyword, name in _IDENTITY:
+        # Defence in depth behind the index (node/jobs/store.py): never one volume of two patients.
+        # The message names UIDs and the attribute only, never a patient's values.
+        expected = _identity_value(first, keyword)
+        for ds in datasets[1:]:
+            if _identity_value(ds, keyword) != expected:
+                raise MixedSeriesError(
+                    f"series {series}: {name} differs between instances {first.get('SOPInstanceUID', '?')} "
+                    f"and {ds.get('SOPInstanceUID', '?')}; one series must be one patient, study and "
+                    "frame of reference")
     for ds in datasets:
         frames = int(ds.get("NumberOfFrames", 1) or 1)
         if frames > 1 or "PerFrameFunctionalGroupsSequence" in ds:
@@ -269,6 +324,7 @@ def _load_volume(dss: list[Dataset], modality: str | None) -> Volume:
     affine[:3, 2] = normal * step
     affine[:3, 3] = ipps[0]
 
+    raw_text = tuple(raw_text_elements(ds) for ds in dss)
     headers = []
     for ds in dss:
         h = ds.copy()
@@ -289,4 +345,5 @@ def _load_volume(dss: list[Dataset], modality: str | None) -> Volume:
         headers=tuple(headers),
         units=units,
         notes=tuple(notes),
+        raw_text=raw_text,
     )

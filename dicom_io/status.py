@@ -18,10 +18,14 @@ class Status(IntEnum):
     # PS3.7 C.1.1: the operation completed.
     SUCCESS = 0x0000
 
-    # PS3.4 B.2.3: Storage-specific failures (ranges A7xx, A9xx, Cxxx; we use the base codes).
+    # PS3.4 B.2.3: Storage-specific failures (ranges A7xx, A9xx, Cxxx; the base codes, and
+    # codes of our own inside those ranges so that a sender's log tells the reasons apart).
     OUT_OF_RESOURCES = 0xA700
+    INSTANCE_TOO_LARGE = 0xA701  # beyond max_instance_mb (on the wire or once decoded)
+    INFLATED_TOO_LARGE = 0xA702  # a deflated data set that inflates beyond max_instance_mb
     DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
     CANNOT_UNDERSTAND = 0xC000
+    TRANSFER_SYNTAX_MISMATCH = 0xC001  # data encoded against another syntax than negotiated
 
     # PS3.4 B.2.3: Storage-specific warnings (the instance was stored).
     COERCION_OF_DATA_ELEMENTS = 0xB000

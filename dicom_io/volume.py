@@ -6,7 +6,9 @@ Position/Orientation (PS3.3 C.7.6.2.1.1) define them. No torch here.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -44,6 +46,9 @@ class Volume:
     headers: the source datasets in the same slice order, without Pixel Data, for provenance
         (Source Image Sequence), copying attributes into derived series and SUV.
     units: PET Units (0054,1001) or "" for other modalities.
+    raw_text: per header, its top-level text elements (PN, LO, SH, ST, LT, UT, UC) as the bytes
+        that were received, undecoded (dicom_io.series), so that writers copy names byte for
+        byte even where the bytes do not decode in the declared character set.
     """
 
     values: np.ndarray = field(repr=False)
@@ -57,6 +62,7 @@ class Volume:
     headers: tuple[Dataset, ...] = field(repr=False)
     units: str = ""
     notes: tuple[str, ...] = ()  # what the loader corrected and why (e.g. dropped duplicates)
+    raw_text: tuple[Mapping[int, Any], ...] = field(default=(), repr=False)
 
     def values_on_grid(self, values: np.ndarray, who: str, what: str) -> np.ndarray:
         """``values`` as an array on this volume's grid, all finite; writers call this first.

@@ -1,4 +1,4 @@
-"""Conditional deep image prior fit with the stability samples (DESIGN.md steps 1 and 2).
+"""Conditional deep image prior fit with the stability samples (docs/METHOD.md, steps 1-2).
 
 The MR ``g`` is the network input and the OSEM PET ``x0`` the target:
 ``θ* = argmin_θ ||x0 − f(θ|g)||²`` by L-BFGS, one epoch = one ``optimizer.step(closure)``.
@@ -324,7 +324,8 @@ def _fit(pet: np.ndarray, mr: np.ndarray, params: DipParams, device: torch.devic
         torch.manual_seed(params.seed)
         net = UNet3d(1, 1, params.base_channels, params.depth)
     net.check_input((1, 1) + pet.shape)  # fail before any work for too-small volumes
-    net.to(device=device, memory_format=memory_format).train()  # train(): BN batch statistics
+    # train(): BN batch statistics, as the paper's outputs (docs/DESIGN.md)
+    net.to(device=device, memory_format=memory_format).train()
     x = torch.from_numpy(input_np)[None, None].to(device).contiguous(memory_format=memory_format)
     y = torch.from_numpy(target_np)[None, None].to(device)
     optimizer = make_lbfgs(net.parameters(), params)

@@ -1,18 +1,30 @@
-"""Method parameters for SDIP and its baselines, with the named presets.
+"""Method parameters for SDIP and its baselines: the named presets and the one place their rules
+live (:func:`resolve_params`).
 
 One immutable object carries every knob of the method so that a job, a derived series'
-provenance and a deterministic UID can all be computed from it.
+provenance and a deterministic UID can all be computed from it. The command line, the TOML
+settings, a QA re-run and the tests resolve parameters here, so the rules cannot drift apart:
+
+- a preset (or a job's own parameters) with overrides on top;
+- ``epochs`` given without ``sample_from`` moves m to ``epochs // 2`` (at least 1): the
+  stability map samples the second half of any fit (the paper's 100 of 200);
+- ``cdip`` is the paper's SDIP with alpha 0 (docs/METHOD.md "4. Blend"): it forces alpha to 0
+  and refuses another explicit alpha rather than ignoring it.
+
+Every bad value is a ValueError naming the field as ``DipParams.<field>``, which each caller
+turns into its own words (``--epochs``, ``method.epochs``).
 """
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from enum import Enum
 from typing import Any
 
 
 class Method(str, Enum):
-    """The denoising methods the node offers (DESIGN.md: SDIP and the paper's two baselines)."""
+    """The denoising methods the node offers (docs/METHOD.md "The method, exactly")."""
 
     SDIP = "sdip"              # SDIP with the data-consistency guard (docs/METHOD.md)
     SDIP_PAPER = "sdip-paper"  # the paper's SDIP exactly: last output, S-only blend
@@ -185,3 +197,76 @@ def preset(name: str) -> DipParams:
         return PRESETS[name]
     except KeyError:
         raise ValueError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}") from None
+
+
+#: Fields a caller may override (every DipParams field).
+PARAM_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(DipParams))
+
+
+def resolve_params(*, preset_name: str | None = None, base: DipParams | None = None,
+                   overrides: Mapping[str, Any] | None = None,
+                   method: Method | str | None = None) -> DipParams:
+    """The parameters a run uses: ``base`` (a job's own parameters) unless ``preset_name`` is
+    given, else the named preset; then ``overrides`` (fields set by the user; None values are
+    unset) under the rules of the module docstring. Raises ValueError naming the field.
+    """
+    if preset_name is not None or base is None:
+        if preset_name is None:
+            raise ValueError("resolve_params: expected a preset name or base parameters, got neither")
+        if preset_name not in PRESETS:
+            raise ValueError(f"preset: unknown preset {preset_name!r}; expected one of {sorted(PRESETS)}")
+        base = PRESETS[preset_name]
+    changes = {k: v for k, v in (overrides or {}).items() if v is not None}
+    unknown = sorted(set(changes) - set(PARAM_FIELDS))
+    if unknown:
+        raise ValueError(f"DipParams.{unknown[0]}: expected one of {list(PARAM_FIELDS)}, got {unknown[0]!r}")
+    if "epochs" in changes and "sample_from" not in changes:
+        try:
+            changes["sample_from"] = max(1, int(changes["epochs"]) // 2)
+        except (TypeError, ValueError):
+            raise ValueError(f"DipParams.epochs: expected an integer >= 1, got {changes['epochs']!r}") from None
+    if method is not None and Method(method) is Method.CDIP:
+        if changes.get("alpha", 0.0) != 0.0:
+            raise ValueError(f"DipParams.alpha: expected 0 or unset with method 'cdip' (plain "
+                             f"conditional DIP is SDIP with alpha 0), got {changes['alpha']!r}")
+        changes["alpha"] = 0.0
+    try:
+        return base.replace(**changes)
+    except TypeError as exc:  # a value of the wrong type fails a comparison in the checks
+        raise ValueError(f"DipParams: expected numbers for {sorted(changes)}, got {changes!r} ({exc})") from None
+
+
+# -- parameters at rest -----------------------------------------------------------------------
+#: The format of :func:`params_record`. Bump it when a field is renamed or removed, or when a
+#: new field's default would change what an old record computed; :func:`params_from_record`
+#: and :func:`stored_method` then read each older version as it ran.
+#: 1: the paper's method under the name "sdip". 2: "sdip" is SDIP with the data-consistency
+#: guard and the mean of the sampled outputs (fields input_jitter, guard_fwe, average), the
+#: paper's method is "sdip-paper".
+PARAMS_VERSION = 2
+
+
+def stored_method(name: str, version: int) -> Method:
+    """The method a job stored under ``name`` with parameters format ``version`` ran: a format-1
+    "sdip" job ran the paper's method, so it reads back (and re-runs) as ``sdip-paper``."""
+    method = Method(name)
+    if version == 1 and method is Method.SDIP:
+        return Method.SDIP_PAPER
+    return method
+
+
+def params_record(params: DipParams) -> dict[str, Any]:
+    """``params`` as plain values (JSON-able) in format :data:`PARAMS_VERSION`."""
+    return params.as_dict()
+
+
+def params_from_record(record: Mapping[str, Any], version: int) -> DipParams:
+    """The parameters a record of format ``version`` describes; ValueError for a version this
+    dipnode does not know (written by a newer one) or a record it cannot read."""
+    if not 1 <= version <= PARAMS_VERSION:
+        raise ValueError(f"parameters record: expected format 1 to {PARAMS_VERSION}, got {version} "
+                         "(written by a newer dipnode?)")
+    unknown = sorted(set(record) - set(PARAM_FIELDS))
+    if unknown:
+        raise ValueError(f"parameters record (format {version}): unknown fields {unknown}")
+    return DipParams(**record)

@@ -27,36 +27,19 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from dipnode.models.params import PRESETS, DipParams, Method, preset
+from dipnode.dicom_io.tls import check_cert_and_key
+from dipnode.dicom_io.vr import check_ae_title
+from dipnode.models.params import PRESETS, DipParams, Method, resolve_params
 
 __all__ = [
     "Destination", "MatchingSettings", "MethodSettings", "NodeSettings", "OutputSettings",
-    "SenderSettings", "SeriesSettings", "Settings", "SettingsError", "StorageSettings",
-    "WorkersSettings", "example_settings_toml", "load_settings", "validate_ae_title",
+    "RetrieveSettings", "SenderSettings", "SeriesSettings", "Source", "Settings", "SettingsError", "StorageSettings",
+    "WorkersSettings", "example_settings_toml", "load_settings",
 ]
 
 
 class SettingsError(ValueError):
     """The configuration is unusable; the message names each bad key, expected and actual."""
-
-
-def validate_ae_title(value: str, key: str = "ae_title") -> str:
-    """An Application Entity title as PS3.5 §6.2 (VR AE) defines it, stripped of padding.
-
-    At most 16 characters of the default repertoire (printable ASCII) without backslash,
-    and not only spaces; leading and trailing spaces are not significant.
-    """
-    stripped = value.strip(" ")
-    if not stripped:
-        raise ValueError(f"{key}: expected 1 to 16 non-space characters (PS3.5 §6.2 AE), got {value!r}")
-    if len(stripped) > 16:
-        raise ValueError(f"{key}: expected at most 16 characters (PS3.5 §6.2 AE), got {len(stripped)} in {value!r}")
-    bad = sorted({c for c in stripped if c == "\\" or not " " <= c <= "~"})
-    if bad:
-        raise ValueError(
-            f"{key}: expected printable ASCII without backslash (PS3.5 §6.2 AE), got {value!r} with {bad!r}"
-        )
-    return stripped
 
 
 class _Section(BaseModel):
@@ -75,9 +58,19 @@ class NodeSettings(_Section):
     allowed_calling_aets: list[str]
     allowed_addresses: list[str] = []  # IP addresses or CIDR networks; empty = any address
     max_associations: int = Field(10, ge=1)
+    # One address (a PACS, a scanner, or a peer gone wrong) holds at most this many connections
+    # at once, so it cannot take every slot; capped at max_associations.
+    max_associations_per_address: int = Field(5, ge=1)
     # PS3.8 Annex D.3.3.2: 0 means "no limit"; pynetdicom's default is 16382.
     max_pdu: int = Field(16382, ge=0, le=2**32 - 1)
-    idle_timeout_s: float = Field(60.0, gt=0)
+    idle_timeout_s: float = Field(60.0, gt=0, allow_inf_nan=False)
+    # PS3.8 9.1.5 ARTIM: a connection that has not sent its A-ASSOCIATE-RQ within this time is
+    # closed (every toolkit sends it at once; the timer only frees slots held by silent peers).
+    request_timeout_s: float = Field(5.0, gt=0, le=120, allow_inf_nan=False)
+    # Larger instances are refused (INSTANCE_TOO_LARGE, also once inflated or decoded): the node
+    # takes classic single-frame brain PET/MR slices (<= 4 MiB even at 1024x1024x32 bits); the
+    # limit bounds receive memory at max_associations x about twice this (bench/RELIABILITY.md).
+    max_instance_mb: int = Field(64, ge=1, le=4096)
     accept_compressed: bool = True  # offer JPEG/JPEG 2000/JPEG-LS/RLE transfer syntaxes too
     # PS3.15 B.1 (Basic TLS Secure Transport Connection Profile): set cert and key to listen
     # with TLS only; tls_ca verifies client certificates, required when tls_require_client_cert.
@@ -96,11 +89,7 @@ class NodeSettings(_Section):
 
     @model_validator(mode="after")
     def _tls(self) -> "NodeSettings":
-        if (self.tls_cert is None) != (self.tls_key is None):
-            raise ValueError(
-                f"tls_cert, tls_key: expected both or neither, got tls_cert={self.tls_cert!r}, "
-                f"tls_key={self.tls_key!r}"
-            )
+        check_cert_and_key(self.tls_cert, self.tls_key)
         if self.tls_require_client_cert and (self.tls_cert is None or self.tls_ca is None):
             raise ValueError(
                 "tls_require_client_cert: expected tls_cert, tls_key and tls_ca to be set, got "
@@ -117,14 +106,14 @@ class NodeSettings(_Section):
     @field_validator("ae_title")
     @classmethod
     def _ae(cls, v: str) -> str:
-        return validate_ae_title(v)
+        return check_ae_title("ae_title", v)
 
     @field_validator("allowed_calling_aets")
     @classmethod
     def _calling(cls, v: list[str]) -> list[str]:
         if "*" in v and len(v) > 1:
             raise ValueError(f'expected either ["*"] (any caller) or a list of AE titles, got {v!r}')
-        return v if v == ["*"] else [validate_ae_title(a, "allowed_calling_aets item") for a in v]
+        return v if v == ["*"] else [check_ae_title("allowed_calling_aets item", a) for a in v]
 
     @field_validator("allowed_addresses")
     @classmethod
@@ -153,25 +142,109 @@ class SeriesSettings(_Section):
 
 
 DEFAULT_MR_PATTERNS = [r"T1", r"MP-?RAGE", r"SPGR", r"BRAVO", r"3D"]
+# Series that are never the prior, by Series Description (case-insensitive, searched):
+# localizers and scouts, diffusion and its maps, reformats and projections. "(?<![a-z])"
+# and "(?![a-z])" keep short words whole where "_" joins them (ep2d_diff_b0_1000_tra_ADC),
+# so "mpr" does not hit "mprage".
+DEFAULT_MR_EXCLUDE_PATTERNS = [
+    r"locali[sz]er", r"scout", r"survey", r"(?<![a-z])loc(?![a-z])", r"3[ _-]?plane",
+    r"tri[ _-]?pilot", r"aahead", r"(?<![a-z])dwi(?![a-z])", r"diff", r"(?<![a-z])adc(?![a-z])",
+    r"trace", r"(?<![a-z])dti(?![a-z])", r"tensor", r"(?<![a-z])mpr(?![a-z])", r"reformat",
+    r"(?<![a-z])mip(?![a-z])", r"(?<![a-z])sub(?![a-z])",
+]
+# Image Type (0008,0008, PS3.3 C.7.6.1.1.2) values that exclude a series: value 1 DERIVED and
+# value 2 SECONDARY (not acquired as such); vendor value 3+ terms for localizers, diffusion and
+# its maps, reformats, projections, phase images and mosaics (several slices in one image).
+DEFAULT_MR_EXCLUDE_IMAGE_TYPES = [
+    "DERIVED", "SECONDARY", "LOCALIZER", "SCOUT", "DIFFUSION", "ADC", "TRACEW", "FA", "MPR",
+    "MIP", "PROJECTION IMAGE", "REFORMATTED", "PHASE", "P", "MOSAIC",
+]
+
+
+def _regexes(v: list[str]) -> list[str]:
+    for p in v:
+        try:
+            re.compile(p)
+        except re.error as e:
+            raise ValueError(f"expected regular expressions, got {p!r} ({e})") from None
+    return v
 
 
 class MatchingSettings(_Section):
     mr_wait_s: float = Field(600.0, ge=0)
     date_window_days: int = Field(30, ge=0)
-    # Case-insensitive regular expressions searched in Series Description (0008,103E).
+    # Case-insensitive regular expressions searched in Series Description (0008,103E): rank only.
     mr_description_patterns: list[str] = DEFAULT_MR_PATTERNS
     require_3d: bool = False  # only MR Acquisition Type (0018,0023) "3D" is eligible
     fallback: Literal["gaussian", "fail"] = "gaussian"
+    # After the first MR series of an exam arrives, wait this long for a better-ranked series
+    # of the same exam before taking the best complete one (a PACS sends an exam series by series).
+    mr_grace_s: float = Field(60.0, ge=0)
+    # Never the prior: Series Description patterns (case-insensitive regexes) and Image Type values.
+    mr_exclude_patterns: list[str] = DEFAULT_MR_EXCLUDE_PATTERNS
+    mr_exclude_image_types: list[str] = DEFAULT_MR_EXCLUDE_IMAGE_TYPES
 
-    @field_validator("mr_description_patterns")
+    @field_validator("mr_description_patterns", "mr_exclude_patterns")
     @classmethod
     def _patterns(cls, v: list[str]) -> list[str]:
-        for p in v:
-            try:
-                re.compile(p)
-            except re.error as e:
-                raise ValueError(f"expected regular expressions, got {p!r} ({e})") from None
-        return v
+        return _regexes(v)
+
+    @field_validator("mr_exclude_image_types")
+    @classmethod
+    def _image_types(cls, v: list[str]) -> list[str]:
+        # CS values (PS3.5 6.2): upper case, at most 16 characters, no backslash.
+        out = [t.strip().upper() for t in v]
+        bad = [t for t in out if not t or len(t) > 16 or "\\" in t]
+        if bad:
+            raise ValueError(f"expected Image Type values (1-16 characters, no backslash), got {bad!r}")
+        return out
+
+
+class Source(_Section):
+    """A PACS the node may query (C-FIND) and retrieve prior MR series from (C-MOVE or C-GET)."""
+
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+    tls: bool | None = None  # None: [sender] tls decides; certificates are [sender]'s
+    # "move": C-MOVE, the PACS sends the series to move_destination (it must know that AE
+    # title's host and port); "get": C-GET, the series comes back on our own association.
+    retrieve: Literal["move", "get"] = "move"
+    move_destination: str | None = None  # None: [node] ae_title
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, v: str) -> str:
+        return check_ae_title("ae_title", v)
+
+    @field_validator("move_destination")
+    @classmethod
+    def _dest(cls, v: str | None) -> str | None:
+        return None if v is None else check_ae_title("move_destination", v)
+
+    @property
+    def label(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+class RetrieveSettings(_Section):
+    """When and how hard to fetch a prior MR from [[sources]]."""
+
+    # A complete PET with no eligible MR at hand (none received, none arriving) waits this long
+    # before the sources are queried: a routed MR may still be on its way.
+    query_delay_s: float = Field(60.0, ge=0)
+    # A failed query or retrieval (source down, C-MOVE refused or partial) is retried this many
+    # times with exponential backoff; then the job falls back (or fails) with the reason.
+    retries: int = Field(3, ge=0)
+    backoff_s: float = Field(30.0, ge=0)
+    backoff_max_s: float = Field(600.0, ge=0)
+    timeout_s: float = Field(60.0, gt=0)  # network, association and DIMSE timeouts
+
+    @model_validator(mode="after")
+    def _order(self) -> "RetrieveSettings":
+        if self.backoff_max_s < self.backoff_s:
+            raise ValueError(f"backoff_max_s: expected >= backoff_s ({self.backoff_s}), got {self.backoff_max_s}")
+        return self
 
 
 class MethodSettings(_Section):
@@ -203,27 +276,22 @@ class MethodSettings(_Section):
 
     @model_validator(mode="after")
     def _params_valid(self) -> "MethodSettings":
-        self.dip_params()  # the combination must make valid DipParams (ValueError -> ValidationError)
+        # The combination must make valid DipParams; its keys are this section's, so the
+        # message names them as the user wrote them ("fwhm_voxels", not "DipParams.fwhm_voxels").
+        try:
+            self.dip_params()
+        except ValueError as exc:
+            raise ValueError(str(exc).replace("DipParams.", "").removeprefix("DipParams: ")) from None
         return self
 
     def dip_params(self) -> DipParams:
-        """The preset with this section's overrides applied (validated by DipParams).
-
-        Plain conditional DIP is SDIP with alpha = 0 (DESIGN.md), so ``cdip`` forces alpha to 0
-        and rejects another explicit alpha rather than silently ignoring it.
-        """
-        overrides = {
-            k: getattr(self, k)
-            for k in ("alpha", "epochs", "sample_from", "sample_every", "fwhm_voxels", "seed", "device",
-                      "max_iter", "history_size", "precision", "channels_last", "compile",
-                      "cudnn_benchmark")
-            if getattr(self, k) is not None
-        }
-        if self.name is Method.CDIP:
-            if overrides.get("alpha", 0.0) != 0.0:
-                raise ValueError(f"alpha: expected 0 or unset with name='cdip', got {overrides['alpha']!r}")
-            overrides["alpha"] = 0.0
-        return preset(self.preset).replace(**overrides)
+        """The preset with this section's overrides, by models.params.resolve_params (the
+        rules: epochs moves m to epochs // 2 unless sample_from is set; cdip forces alpha 0)."""
+        overrides = {k: getattr(self, k) for k in
+                     ("alpha", "epochs", "sample_from", "sample_every", "fwhm_voxels", "seed", "device",
+                       "max_iter", "history_size", "precision", "channels_last", "compile",
+                       "cudnn_benchmark")}
+        return resolve_params(preset_name=self.preset, overrides=overrides, method=self.name)
 
 
 class OutputSettings(_Section):
@@ -234,7 +302,9 @@ class OutputSettings(_Section):
     # The data weight w (SDIP: how much of the measured value each voxel kept).
     series_number_weight: int | None = Field(1004, ge=0, le=2**31 - 1)
     series_number_weight_plain: int | None = Field(1005, ge=0, le=2**31 - 1)
-    description_prefix: str = Field("SDIP", max_length=32)  # leaves room in LO's 64 characters
+    # The first word of every output's Series Description; routing rules (deploy/orthanc-route.lua)
+    # match it so that outputs are not routed back. <= 32 leaves room in LO's 64 characters.
+    description_prefix: str = Field("dipnode", max_length=32)
     research: bool = True  # label outputs as research until someone clears the device
 
     @field_validator("series_number_pet", "series_number_map", "series_number_map_plain",
@@ -263,7 +333,7 @@ class Destination(_Section):
     @field_validator("ae_title")
     @classmethod
     def _ae(cls, v: str) -> str:
-        return validate_ae_title(v)
+        return check_ae_title("ae_title", v)
 
     @property
     def label(self) -> str:
@@ -288,15 +358,11 @@ class SenderSettings(_Section):
     @field_validator("calling_ae")
     @classmethod
     def _ae(cls, v: str | None) -> str | None:
-        return None if v is None else validate_ae_title(v)
+        return None if v is None else check_ae_title("ae_title", v)
 
     @model_validator(mode="after")
     def _order(self) -> "SenderSettings":
-        if (self.tls_cert is None) != (self.tls_key is None):
-            raise ValueError(
-                f"tls_cert, tls_key: expected both or neither, got tls_cert={self.tls_cert!r}, "
-                f"tls_key={self.tls_key!r}"
-            )
+        check_cert_and_key(self.tls_cert, self.tls_key)
         if self.backoff_max_s < self.backoff_s:
             raise ValueError(
                 f"backoff_max_s: expected >= backoff_s ({self.backoff_s}), got {self.backoff_max_s}"
@@ -340,6 +406,8 @@ class Settings(BaseSettings):
     output: OutputSettings = OutputSettings()
     destinations: list[Destination] = []
     sender: SenderSettings = SenderSettings()
+    sources: list[Source] = []
+    retrieve: RetrieveSettings = RetrieveSettings()
     workers: WorkersSettings = WorkersSettings()
 
     @classmethod
@@ -363,6 +431,10 @@ class Settings(BaseSettings):
         dupes = sorted({x for x in labels if labels.count(x) > 1})
         if dupes:
             raise ValueError(f"destinations: expected distinct AET@HOST:PORT entries, got duplicates {dupes!r}")
+        sources = [x.label for x in self.sources]
+        dupes = sorted({x for x in sources if sources.count(x) > 1})
+        if dupes:
+            raise ValueError(f"sources: expected distinct AET@HOST:PORT entries, got duplicates {dupes!r}")
         return self
 
     @property
@@ -388,6 +460,11 @@ def _format_errors(err: ValidationError, origin: str) -> str:
             lines.append(f"  {key}: expected a value, got none (required)")
         elif e["type"] == "extra_forbidden":
             lines.append(f"  {key}: expected no such key (unknown setting), got {e['input']!r}")
+        elif re.match(r"^\w+(, \w+)*: .*, got ", msg):
+            # A section's own check that names its keys and values ("fwhm_voxels: expected
+            # a number >= 0, got -1.0"): the key path, and no second "got" with the whole section.
+            field, rest = msg.split(": ", 1)
+            lines.append(f"  {key}.{field}: {rest}" if "," not in field else f"  {key}: {msg}")
         else:
             lines.append(f"  {key}: {msg}; got {e.get('input')!r}")
     return f"invalid settings ({origin}):\n" + "\n".join(lines)

@@ -1,29 +1,29 @@
 """The node's DICOM wire options from its settings: what the receiver and the sender get.
 
-TLS follows PS3.15 B.1 (Basic TLS Secure Transport Connection Profile) as Python's ssl module
-implements it: TLS 1.2 or later, certificates checked against the configured CA. Contexts are
-built once, when the node starts, so a missing or unreadable key fails the start-up with the
-settings key named, not the first association.
+TLS contexts come from dicom_io/tls.py (PS3.15 B.1); they are built once, when the node starts,
+so a missing or unreadable key fails the start-up with the settings key named, not the first
+association. Each destination becomes a :class:`Route` (the peer and its TLS context) once, at
+start: a delivery looks its route up by the label it is stored under, nothing is parsed back.
 """
 from __future__ import annotations
 
 import ipaddress
 import ssl
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
 
+from dipnode.dicom_io import tls
 from dipnode.dicom_io.scp import ReceiverConfig
+from dipnode.dicom_io.scu import Destination as Peer
+from dipnode.dicom_io.tls import TlsFileError
 from dipnode.node.settings import Settings, SettingsError
 
-__all__ = ["receiver_config", "receiver_tls", "sender_options", "sender_tls"]
+__all__ = ["Route", "client_tls", "destination_routes", "receiver_config", "receiver_tls", "sender_tls"]
 
 
-def _load(key: str, action: Any, *paths: Path) -> None:
-    try:
-        action()
-    except (OSError, ssl.SSLError) as exc:
-        shown = ", ".join(str(p) for p in paths)
-        raise SettingsError(f"{key}: expected readable PEM file(s), got {shown} ({exc})") from None
+def _contexts_error(section: str, exc: TlsFileError) -> SettingsError:
+    key = f"{section}.tls_ca" if exc.part == "ca" else f"{section}.tls_cert/{section}.tls_key"
+    shown = ", ".join(str(p) for p in exc.paths)
+    return SettingsError(f"{key}: expected readable PEM file(s), got {shown} ({exc.reason})")
 
 
 def receiver_tls(settings: Settings) -> ssl.SSLContext | None:
@@ -31,28 +31,20 @@ def receiver_tls(settings: Settings) -> ssl.SSLContext | None:
     n = settings.node
     if n.tls_cert is None or n.tls_key is None:
         return None
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2  # PS3.15 B.1 / BCP 195: no SSL, no TLS 1.0/1.1
-    _load("node.tls_cert/node.tls_key",
-          lambda: ctx.load_cert_chain(n.tls_cert, n.tls_key), n.tls_cert, n.tls_key)
-    if n.tls_ca is not None:
-        _load("node.tls_ca", lambda: ctx.load_verify_locations(cafile=str(n.tls_ca)), n.tls_ca)
-        # With a CA but no requirement a client certificate is checked when offered.
-        ctx.verify_mode = ssl.CERT_REQUIRED if n.tls_require_client_cert else ssl.CERT_OPTIONAL
-    return ctx
+    try:
+        return tls.server_context(n.tls_cert, n.tls_key, ca=n.tls_ca,
+                                  require_client_cert=n.tls_require_client_cert)
+    except TlsFileError as exc:
+        raise _contexts_error("node", exc) from None
 
 
 def sender_tls(settings: Settings) -> ssl.SSLContext:
     """The client-side TLS context of [sender] (peer verified against tls_ca or system CAs)."""
     s = settings.sender
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    if s.tls_ca is not None:
-        _load("sender.tls_ca", lambda: ctx.load_verify_locations(cafile=str(s.tls_ca)), s.tls_ca)
-    if s.tls_cert is not None and s.tls_key is not None:
-        _load("sender.tls_cert/sender.tls_key",
-              lambda: ctx.load_cert_chain(s.tls_cert, s.tls_key), s.tls_cert, s.tls_key)
-    return ctx
+    try:
+        return tls.client_context(ca=s.tls_ca, cert=s.tls_cert, key=s.tls_key)
+    except TlsFileError as exc:
+        raise _contexts_error("sender", exc) from None
 
 
 def _networks(addresses: list[str]) -> frozenset[str] | None:
@@ -73,26 +65,41 @@ def receiver_config(settings: Settings, tls: ssl.SSLContext | None = None) -> Re
         closed=not n.allowed_calling_aets,
         allowed_addresses=_networks(n.allowed_addresses),
         max_pdu_length=n.max_pdu, max_associations=n.max_associations,
-        idle_timeout_s=n.idle_timeout_s, accept_compressed=n.accept_compressed,
+        max_associations_per_address=n.max_associations_per_address,
+        idle_timeout_s=n.idle_timeout_s, request_timeout_s=n.request_timeout_s,
+        max_instance_bytes=n.max_instance_mb * 1024 * 1024, accept_compressed=n.accept_compressed,
         tls=tls if tls is not None else receiver_tls(settings),
     )
 
 
-def destination_uses_tls(settings: Settings, label: str | None) -> bool:
-    """Whether the destination ``label`` (``AET@HOST:PORT``) is sent to over TLS."""
+def _uses_tls(settings: Settings, own: bool | None) -> bool:
+    # A destination's or source's own tls overrides [sender] tls.
+    return own if own is not None else settings.sender.tls
+
+
+def client_tls(settings: Settings) -> ssl.SSLContext | None:
+    """The one client-side context for every destination and source reached over TLS (None
+    when none is): built once, at start."""
+    peers = [*settings.destinations, *settings.sources]
+    return sender_tls(settings) if any(_uses_tls(settings, p.tls) for p in peers) else None
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where a delivery goes: the peer, and the TLS context when it is reached over TLS."""
+
+    peer: Peer
+    tls: ssl.SSLContext | None
+
+
+def destination_routes(settings: Settings, tls: ssl.SSLContext | None) -> dict[str, Route]:
+    """Every ``[[destinations]]`` entry by the label its deliveries are stored under
+    (``AET@HOST:PORT``), with its peer and TLS context; ``tls`` is :func:`client_tls`."""
+    routes = {}
     for d in settings.destinations:
-        if d.label == label and d.tls is not None:
-            return d.tls
-    return settings.sender.tls
-
-
-def sender_options(settings: Settings, destination: str | None = None) -> dict[str, Any]:
-    """Keyword arguments for dicom_io.scu.send_files besides the files and the destination.
-
-    ``destination`` is the destination's label; its ``tls`` (else [sender] tls) picks TLS.
-    """
-    options: dict[str, Any] = {"calling_ae": settings.calling_ae,
-                               "timeout_s": settings.sender.timeout_s}
-    if destination_uses_tls(settings, destination):
-        options["tls"] = sender_tls(settings)
-    return options
+        ctx = tls if _uses_tls(settings, d.tls) else None
+        if _uses_tls(settings, d.tls) and ctx is None:
+            raise ValueError(f"destination_routes: destination {d.label} uses TLS, expected a client "
+                             "context (client_tls), got None")
+        routes[d.label] = Route(Peer(d.ae_title, d.host, d.port), ctx)
+    return routes

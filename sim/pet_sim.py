@@ -1,7 +1,7 @@
 """Low-dose PET by projection: forward-project, draw Poisson counts, reconstruct with OSEM.
 
 Noise made this way has PET's texture (correlated, activity-dependent, streaky at low counts);
-adding white noise to an image does not (DESIGN.md "Test data without the internet").
+adding white noise to an image does not (docs/DESIGN.md "Real peers and test data").
 
 Model: 2D parallel-beam per axial slice (no attenuation, scatter or randoms: the method only
 sees the reconstructed image, and a brain phantom needs none of them to look like FDG noise).

@@ -1,8 +1,8 @@
 """An FDG-like brain phantom with an MR, built offline from nilearn's bundled MNI152 files.
 
-Activity is ``2500 * (4 * GM + 1 * WM)`` Bq/ml (pure GM 10000, pure WM 2500, DESIGN.md "Test data
-without the internet") plus a little background in a scalp shell. Two features the method is
-judged on are added to the activity only, never to the MR:
+Activity is ``2500 * (4 * GM + 1 * WM)`` Bq/ml (pure GM 10000, pure WM 2500, docs/DESIGN.md
+"Real peers and test data") plus a little background in a scalp shell. Two features the method
+is judged on are added to the activity only, never to the MR:
 
 - two small hot midbrain nuclei (left/right, 1.6x GM) with a "valley" ROI between them: where the
   MR shows nothing distinct, a conditional DIP tends to flatten them, SDIP should keep them;

@@ -19,7 +19,7 @@ API (keep it small):
   8x8 PET Image Storage files of one series (for wire tests, not for numerics).
 
 Every process gets ``TCP_NODELAY=1`` (Debian's DCMTK and Orthanc only set it when asked,
-DESIGN.md "Networking facts"); readiness is polled, never slept for; stop() waits for the PID
+docs/DESIGN.md "Networking facts"); readiness is polled, never slept for; stop() waits for the PID
 because Orthanc frees its DICOM port only when it has exited. DCMTK storescp and Orthanc 1.10
 listen on all interfaces (neither has a bind-address option); tests only talk to 127.0.0.1.
 A test whose peer is not installed fails (``require(tool)``): CI installs every peer.
@@ -42,8 +42,10 @@ from typing import Any
 
 import numpy as np
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from dipnode.sim.crafted import pet_dataset
 
 ORTHANC = "/usr/sbin/Orthanc"
 LOOPBACK = "127.0.0.1"
@@ -183,7 +185,9 @@ class OrthancPeer:
     """Orthanc with its own config, storage folder and free DICOM/HTTP ports."""
 
     def __init__(self, workdir: Path, aet: str = "ORTHANC", timeout_s: float = 20.0,
-                 dicom_port: int | None = None) -> None:
+                 dicom_port: int | None = None, overlay: dict[str, Any] | None = None) -> None:
+        """overlay: settings laid over the test defaults (e.g. a shipped orthanc.json with
+        its "LuaScripts" and "DicomModalities"); the storage folder and ports stay the peer's."""
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.aet = aet
@@ -207,9 +211,11 @@ class OrthancPeer:
             "SaveJobs": False,
             "StorageCompression": False,
         }
+        own = ("StorageDirectory", "IndexDirectory", "DicomPort", "HttpPort", "DicomAet")
+        config.update({k: v for k, v in (overlay or {}).items() if k not in own})
         cfg = self.workdir / "orthanc.json"
         cfg.write_text(json.dumps(config, indent=2))
-        self._log = open(self.workdir / "orthanc.log", "wb")
+        self._log = open(self.workdir / "orthanc.log", "ab")  # a restart on the same storage appends
         self._proc: subprocess.Popen[bytes] | None = subprocess.Popen(
             [require(ORTHANC), str(cfg)], stdout=self._log, stderr=subprocess.STDOUT,
             env=_env(), cwd=self.workdir,
@@ -254,9 +260,6 @@ class OrthancPeer:
         self.stop()
 
 
-PET_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.128"
-
-
 def tiny_pet_files(folder: Path, n: int = 3,
                    transfer_syntax: str = ExplicitVRLittleEndian) -> list[Path]:
     """Write ``n`` 8x8 PET slices of one new study/series to ``folder``; return the paths.
@@ -268,30 +271,10 @@ def tiny_pet_files(folder: Path, n: int = 3,
     study, series, frame = generate_uid(), generate_uid(), generate_uid()
     paths = []
     for i in range(n):
-        ds = Dataset()
-        ds.SOPClassUID = PET_IMAGE_STORAGE
-        ds.SOPInstanceUID = generate_uid()
-        ds.StudyInstanceUID = study
-        ds.SeriesInstanceUID = series
-        ds.FrameOfReferenceUID = frame
-        ds.PatientID = "TEST-0001"
-        ds.PatientName = "Test^Wire"
-        ds.Modality = "PT"
-        ds.InstanceNumber = i + 1
-        ds.ImagePositionPatient = [0.0, 0.0, float(2 * i)]
-        ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
-        ds.PixelSpacing = [2.0, 2.0]
-        ds.SliceThickness = 2.0
-        ds.Units = "BQML"
-        ds.RescaleSlope = 1.0
-        ds.RescaleIntercept = 0.0
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.Rows = ds.Columns = 8
-        ds.BitsAllocated = ds.BitsStored = 16
-        ds.HighBit = 15
-        ds.PixelRepresentation = 0
-        ds.PixelData = (np.arange(64, dtype=np.uint16) * (i + 1)).tobytes()
+        ds = pet_dataset(StudyInstanceUID=study, SeriesInstanceUID=series, FrameOfReferenceUID=frame,
+                         PatientID="TEST-0001", PatientName="Test^Wire", InstanceNumber=i + 1,
+                         ImagePositionPatient=[0.0, 0.0, float(2 * i)],
+                         PixelData=(np.arange(64, dtype=np.uint16) * (i + 1)).tobytes())
         meta = FileMetaDataset()
         meta.MediaStorageSOPClassUID = ds.SOPClassUID
         meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from pydicom import dcmread
 
-from dipnode.dicom_io.derived_pet import write_derived_pet, write_series
+from dipnode.dicom_io.derived_pet import build_derived_pet, write_derived_pet
 from dipnode.dicom_io.errors import DicomOutputError
 from dipnode.dicom_io.provenance import OutputSpec
 from dipnode.dicom_io.series import load_series_dir
@@ -45,7 +45,7 @@ def source(tmp_path: Path, study, axial_affine, pet_values) -> Volume:
 
 
 def test_written_files_pass_dciodvfy(source: Volume, tmp_path: Path, dciodvfy_errors) -> None:
-    paths = write_series(write_derived_pet(source, source.values * 0.5, _spec()), tmp_path / "out")
+    paths = write_derived_pet(source, source.values * 0.5, _spec(), tmp_path / "out")
     assert len(paths) == source.values.shape[0]
     for path in paths:
         assert dciodvfy_errors(path) == []
@@ -54,7 +54,7 @@ def test_written_files_pass_dciodvfy(source: Volume, tmp_path: Path, dciodvfy_er
 def test_values_round_trip_with_per_slice_slope(source: Volume, tmp_path: Path) -> None:
     processed = source.values * np.linspace(0.2, 1.5, source.values.shape[0])[:, None, None]
     processed[0, 0, 0] = -123.0  # signed pixels keep a small undershoot
-    write_series(write_derived_pet(source, processed, _spec()), tmp_path / "out")
+    write_derived_pet(source, processed, _spec(), tmp_path / "out")
     back = load_series_dir(tmp_path / "out")[0]
     rel = np.max(np.abs(back.values - processed), axis=(1, 2)) / np.max(np.abs(processed), axis=(1, 2))
     assert np.all(rel < 1e-4)
@@ -65,7 +65,7 @@ def test_values_round_trip_with_per_slice_slope(source: Volume, tmp_path: Path) 
 
 
 def test_suv_preserved(source: Volume, tmp_path: Path) -> None:
-    write_series(write_derived_pet(source, source.values, _spec()), tmp_path / "out")
+    write_derived_pet(source, source.values, _spec(), tmp_path / "out")
     back = load_series_dir(tmp_path / "out")[0]
     f_src, f_out = suv_bw_factor(source.headers[0]), suv_bw_factor(back.headers[0])
     assert f_out == f_src
@@ -77,7 +77,7 @@ def test_suv_preserved(source: Volume, tmp_path: Path) -> None:
 
 def test_headers_copied_and_replaced(source: Volume, tmp_path: Path) -> None:
     spec = _spec()
-    paths = write_series(write_derived_pet(source, source.values, spec), tmp_path / "out")
+    paths = write_derived_pet(source, source.values, spec, tmp_path / "out")
     back = load_series_dir(tmp_path / "out")[0]
     for src, out in zip(source.headers, back.headers, strict=True):
         for name in COPIED:
@@ -103,30 +103,30 @@ def test_headers_copied_and_replaced(source: Volume, tmp_path: Path) -> None:
 
 
 def test_uids_deterministic(source: Volume) -> None:
-    a = [d.SOPInstanceUID for d in write_derived_pet(source, source.values, _spec("job-7"))]
-    b = [d.SOPInstanceUID for d in write_derived_pet(source, source.values, _spec("job-7"))]
-    c = [d.SOPInstanceUID for d in write_derived_pet(source, source.values, _spec("job-8"))]
+    a = [d.SOPInstanceUID for d in build_derived_pet(source, source.values, _spec("job-7"))]
+    b = [d.SOPInstanceUID for d in build_derived_pet(source, source.values, _spec("job-7"))]
+    c = [d.SOPInstanceUID for d in build_derived_pet(source, source.values, _spec("job-8"))]
     assert a == b and len(set(a)) == len(a)
     assert not set(a) & set(c)
 
 
 def test_private_tags_dropped(source: Volume) -> None:
     source.headers[0].add_new(0x70531000, "DS", "1.23")  # a vendor SUV scale factor
-    out = write_derived_pet(source, source.values, _spec())
+    out = build_derived_pet(source, source.values, _spec())
     assert 0x70531000 not in out[0]
 
 
 def test_bad_arguments_rejected(source: Volume, tmp_path: Path, study, axial_affine) -> None:
     with pytest.raises(DicomOutputError, match=r"shape expected \(5, 8, 8\)"):
-        write_derived_pet(source, source.values[:-1], _spec())
+        build_derived_pet(source, source.values[:-1], _spec())
     bad = source.values.copy()
     bad[0, 0, 0] = np.nan
     with pytest.raises(DicomOutputError, match="finite"):
-        write_derived_pet(source, bad, _spec())
+        build_derived_pet(source, bad, _spec())
     write_mr_series(np.ones((2, 4, 4)), axial_affine, tmp_path / "mr", study=study)
     mr = load_series_dir(tmp_path / "mr")[0]
     with pytest.raises(DicomOutputError, match="PET Image Storage"):
-        write_derived_pet(mr, mr.values, _spec())
+        build_derived_pet(mr, mr.values, _spec())
 
 
 def test_output_spec_validates() -> None:
@@ -141,7 +141,7 @@ def test_output_spec_validates() -> None:
 def test_units_override_for_a_map_that_is_not_activity(source: Volume, tmp_path: Path,
                                                        dciodvfy_errors) -> None:
     weight = np.linspace(0, 100, source.values.size).reshape(source.values.shape)
-    paths = write_series(write_derived_pet(source, weight, _spec("w"), units="PCNT"), tmp_path / "w")
+    paths = write_derived_pet(source, weight, _spec("w"), tmp_path / "w", units="PCNT")
     for path in paths:
         assert dciodvfy_errors(path) == []
     for k, path in enumerate(paths):  # in slice order; the loader refuses non-BQML PET
@@ -150,4 +150,4 @@ def test_units_override_for_a_map_that_is_not_activity(source: Volume, tmp_path:
         values = ds.pixel_array * float(ds.RescaleSlope)
         assert np.max(np.abs(values - weight[k])) < 1e-2
     with pytest.raises(DicomOutputError, match="units expected"):
-        write_derived_pet(source, weight, _spec(), units="SUV")
+        build_derived_pet(source, weight, _spec(), units="SUV")

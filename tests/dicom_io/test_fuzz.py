@@ -2,7 +2,7 @@
 length fields). Property: each path succeeds or raises one of its documented error types;
 never another exception, never a hang (hypothesis deadline + pytest timeout).
 
-Documented types: node/spool.read_header -> StoreRefused; dicom_io.series.read_files -> none
+Documented types: node/ingest/spool.read_header -> StoreRefused; dicom_io.series.read_files -> none
 (unreadable files are reported as skipped); dicom_io.series.load_volume -> DicomInputError.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from dipnode.dicom_io.errors import DicomInputError
 from dipnode.dicom_io.series import load_volume, read_files
 from dipnode.dicom_io.status import StoreRefused
-from dipnode.node.spool import InvalidUIDError, read_header
+from dipnode.node.ingest.spool import InvalidUIDError, read_header
 from peers import tiny_pet_files
 
 # No per-example deadline: on a shared 2-core machine a slow example is load, not a bug; a hang
@@ -92,7 +92,7 @@ def _loader_run(seeds: list[bytes], tmp_path: Path, allowed: tuple[type[BaseExce
 
 @pytest.mark.timeout(90)
 def test_series_loader_never_hangs_nor_escapes_exception(seeds: list[bytes], tmp_path: Path) -> None:
-    # What the node relies on today: node/server._run_job turns any Exception into a FAILED
+    # What the node relies on today: node/jobs/worker.Worker._run_job turns any Exception into a FAILED
     # job, so the loader must end (deadline) and raise nothing outside Exception.
     _loader_run(seeds, tmp_path, (Exception,))
 
@@ -100,3 +100,23 @@ def test_series_loader_never_hangs_nor_escapes_exception(seeds: list[bytes], tmp
 @pytest.mark.timeout(90)
 def test_series_loader_raises_only_dicom_input_errors(seeds: list[bytes], tmp_path: Path) -> None:
     _loader_run(seeds, tmp_path, (DicomInputError, InvalidUIDError))
+
+
+def test_unknown_vr_in_the_file_meta_is_refused(seeds: list[bytes]) -> None:
+    # Found by the fuzzer above: pydicom raises NotImplementedError for an unknown VR ("TL"
+    # in (0002,0000)); the receiver must answer a named status, not fail the store.
+    raw = seeds[0]
+    at = raw.index(b"\x02\x00\x00\x00UL", 128)
+    bad = raw[:at + 4] + b"TL" + raw[at + 6:]
+    with pytest.raises(StoreRefused, match="file meta unreadable"):
+        read_header(bad)
+
+
+def test_a_file_meta_group_length_of_the_wrong_size_is_refused(seeds: list[bytes]) -> None:
+    # Also found by the fuzzer: VR "\0L" with a 4-byte value read as raw bytes of another length
+    # raises pydicom's BytesLengthException (a RuntimeError).
+    raw = seeds[0]
+    at = raw.index(b"\x02\x00\x00\x00UL", 128)
+    bad = raw[:at + 4] + b"\x00L" + raw[at + 6:]
+    with pytest.raises(StoreRefused, match="file meta unreadable"):
+        read_header(bad)

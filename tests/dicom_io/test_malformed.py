@@ -1,10 +1,10 @@
 """Bad input on the wire, against a real receiver + spool: each gets its DIMSE status (or a
 rejected association / context), one log line, and the next good store still succeeds.
 
-Where each check lives (DESIGN.md: the SCP handler never decodes pixels):
+Where each check lives (docs/DESIGN.md "The pipeline": the SCP handler never decodes pixels):
 - association / presentation context (pynetdicom, ReceiverConfig): calling AE, address,
   SOP class, transfer syntax -> A-ASSOCIATE-RJ or a rejected context, no DIMSE status at all;
-- spool header parse (node/spool.read_header, stop_before_pixels): truncation, wrong VRs,
+- spool header parse (node/ingest/spool.read_header, stop_before_pixels): truncation, wrong VRs,
   absurd lengths, unsafe UIDs -> CANNOT_UNDERSTAND; no Pixel Data tag in an image instance ->
   DATASET_DOES_NOT_MATCH_SOP_CLASS;
 - series loader (dicom_io/series.load_volume): pixel data shorter than Rows x Columns is only
@@ -25,11 +25,10 @@ from pynetdicom import AE, build_context
 from dipnode.dicom_io.scp import ReceiverConfig, start_receiver
 from dipnode.dicom_io.series import load_volume, read_files
 from dipnode.dicom_io.status import Status
-from dipnode.node.spool import Spool
+from dipnode.node.ingest.spool import Spool
 from nodeproc import wait_for
 from peers import tiny_pet_files
 
-pytestmark = pytest.mark.network
 
 PET = "1.2.840.10008.5.1.4.1.1.128"
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -108,6 +107,7 @@ def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
             if r.name == SCP_LOGGER and r.levelno >= logging.WARNING]
 
 
+@pytest.mark.network
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize(("kind", "status"), [
     ("truncated", Status.CANNOT_UNDERSTAND),
@@ -131,6 +131,7 @@ def test_bad_instance_gets_status_one_log_line_and_node_goes_on(
     assert len(_warnings(caplog)) == 1
 
 
+@pytest.mark.network
 @pytest.mark.timeout(60)
 def test_unsupported_sop_class_and_transfer_syntax_get_no_context(receiver, tmp_path: Path) -> None:
     rx, spool = receiver
@@ -155,6 +156,7 @@ def test_unsupported_sop_class_and_transfer_syntax_get_no_context(receiver, tmp_
     assert _store_raw(rx.port, good[0]) == Status.SUCCESS
 
 
+@pytest.mark.network
 @pytest.mark.timeout(60)
 def test_peer_aborting_mid_association_keeps_what_was_stored(
         receiver, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -9,7 +9,8 @@ import pytest
 from pydicom import dcmread
 
 from dipnode.dicom_io.errors import DicomOutputError
-from dipnode.dicom_io.parametric_map import write_data_weight_map, write_stability_map
+from dipnode.dicom_io.parametric_map import (build_data_weight_map, build_stability_map,
+                                                write_data_weight_map, write_stability_map)
 from dipnode.dicom_io.provenance import OutputSpec
 from dipnode.dicom_io.series import load_series_dir
 from dipnode.dicom_io.uids import derive_uid
@@ -30,12 +31,12 @@ def source(tmp_path: Path, study, oblique_affine, pet_values) -> Volume:
 
 def test_map_passes_dciodvfy_and_reads_back(source: Volume, tmp_path: Path, dciodvfy_errors) -> None:
     stability = np.random.default_rng(1).random(source.values.shape).astype(np.float32) * 50.0
-    pm = write_stability_map(source, stability, SPEC, mr_reference_note="MR 1.2.3.4 (other study)")
-    path = tmp_path / "map.dcm"
-    pm.save_as(path, enforce_file_format=True)
+    path = write_stability_map(source, stability, SPEC, tmp_path / "map",
+                               mr_reference_note="MR 1.2.3.4 (other study)")
     assert dciodvfy_errors(path) == []
 
     ds = dcmread(path)
+    assert path == tmp_path / "map" / f"{ds.SOPInstanceUID}.dcm"  # the writer names it by its UID
     assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.30"  # Parametric Map Storage
     assert "FloatPixelData" in ds and int(ds.NumberOfFrames) == stability.shape[0]
     assert ds.StudyInstanceUID == source.study_instance_uid
@@ -69,15 +70,15 @@ def test_map_passes_dciodvfy_and_reads_back(source: Volume, tmp_path: Path, dcio
 
 def test_map_uid_deterministic(source: Volume) -> None:
     stability = np.ones(source.values.shape, dtype=np.float32)
-    a = write_stability_map(source, stability, SPEC).SOPInstanceUID
-    assert a == write_stability_map(source, stability, SPEC).SOPInstanceUID
+    a = build_stability_map(source, stability, SPEC).SOPInstanceUID
+    assert a == build_stability_map(source, stability, SPEC).SOPInstanceUID
 
 
 def test_map_rejects_bad_input(source: Volume) -> None:
     with pytest.raises(DicomOutputError, match="shape expected"):
-        write_stability_map(source, np.ones((1, 2, 3)), SPEC)
+        build_stability_map(source, np.ones((1, 2, 3)), SPEC)
     with pytest.raises(DicomOutputError, match="UCUM"):
-        write_stability_map(source, np.ones(source.values.shape), SPEC, unit=("x", "99LOCAL", "x"))
+        build_stability_map(source, np.ones(source.values.shape), SPEC, unit=("x", "99LOCAL", "x"))
 
 
 def test_data_weight_map_passes_dciodvfy_with_unit_one_and_labels(source: Volume, tmp_path: Path,
@@ -87,9 +88,7 @@ def test_data_weight_map_passes_dciodvfy_with_unit_one_and_labels(source: Volume
     weight[1, 0, 0] = 0.0
     spec = OutputSpec(derive_uid("job-3", "weight"), 1004, "PET SDIP data weight",
                       "SDIP data weight w = max(S_norm, G)", "job-3", WHEN, software_version="0.1.0")
-    pm = write_data_weight_map(source, weight, spec, mr_reference_note="MR 1.2.3.4")
-    path = tmp_path / "weight.dcm"
-    pm.save_as(path, enforce_file_format=True)
+    path = write_data_weight_map(source, weight, spec, tmp_path / "weight", mr_reference_note="MR 1.2.3.4")
     assert dciodvfy_errors(path) == []
 
     ds = dcmread(path)
@@ -107,10 +106,11 @@ def test_data_weight_map_passes_dciodvfy_with_unit_one_and_labels(source: Volume
         k = int(np.argmin(np.linalg.norm(ipps - ipp, axis=1)))
         np.testing.assert_array_equal(ds.pixel_array[f], weight[k])
     # its own instance, distinct from the stability map's of the same job
-    assert pm.SOPInstanceUID != write_stability_map(source, weight, SPEC).SOPInstanceUID
+    assert ds.SOPInstanceUID != build_stability_map(source, weight, SPEC).SOPInstanceUID
+    assert path.name == f"{ds.SOPInstanceUID}.dcm"
 
 
 def test_data_weight_map_rejects_values_outside_0_1(source: Volume) -> None:
     bad = np.full(source.values.shape, 1.5, dtype=np.float32)
     with pytest.raises(DicomOutputError, match=r"\[0, 1\]"):
-        write_data_weight_map(source, bad, SPEC)
+        build_data_weight_map(source, bad, SPEC)

@@ -20,9 +20,8 @@ from dipnode.dicom_io.scp import (  # noqa: E402
     start_receiver,
 )
 from dipnode.dicom_io.status import Status, StoreRefused  # noqa: E402
-from dipnode.node.spool import Spool  # noqa: E402
+from dipnode.node.ingest.spool import Spool  # noqa: E402
 
-pytestmark = pytest.mark.network
 
 
 def _dataset_bytes(path: Path) -> bytes:
@@ -37,6 +36,7 @@ def _config(**kw: object) -> ReceiverConfig:
     return ReceiverConfig(ae_title="DIPNODE", host="127.0.0.1", port=0, **kw)  # type: ignore[arg-type]
 
 
+@pytest.mark.network
 @pytest.mark.timeout(60)
 def test_storescu_to_spool_is_byte_identical(tmp_path: Path) -> None:
     sent = tiny_pet_files(tmp_path / "src", n=3)
@@ -66,6 +66,7 @@ def test_storescu_to_spool_is_byte_identical(tmp_path: Path) -> None:
     assert list(spool.incoming.iterdir()) == []
 
 
+@pytest.mark.network
 @pytest.mark.timeout(60)
 def test_implicit_vr_is_kept_as_received(tmp_path: Path) -> None:
     sent = tiny_pet_files(tmp_path / "src", n=1, transfer_syntax=ImplicitVRLittleEndian)
@@ -80,6 +81,7 @@ def test_implicit_vr_is_kept_as_received(tmp_path: Path) -> None:
     assert _dataset_bytes(copy) == _dataset_bytes(sent[0])
 
 
+@pytest.mark.network
 @pytest.mark.timeout(30)
 def test_echoscu_is_answered(tmp_path: Path) -> None:
     with start_receiver(_config(), lambda i: Status.SUCCESS) as rx:
@@ -87,6 +89,7 @@ def test_echoscu_is_answered(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr
 
 
+@pytest.mark.network
 @pytest.mark.timeout(60)
 def test_unknown_calling_aet_is_rejected_at_association(tmp_path: Path) -> None:
     sent = tiny_pet_files(tmp_path / "src", n=1)
@@ -104,6 +107,7 @@ def test_unknown_calling_aet_is_rejected_at_association(tmp_path: Path) -> None:
     assert good_echo.returncode == 0, good_echo.stderr
 
 
+@pytest.mark.network
 @pytest.mark.timeout(30)
 def test_address_not_allowed_is_rejected(tmp_path: Path) -> None:
     cfg = _config(allowed_addresses=frozenset({"192.0.2.1"}))  # TEST-NET-1: never us
@@ -113,6 +117,7 @@ def test_address_not_allowed_is_rejected(tmp_path: Path) -> None:
     assert "Association Rejected" in res.stdout + res.stderr
 
 
+@pytest.mark.network
 @pytest.mark.timeout(60)
 def test_refusal_answers_a700_and_server_keeps_serving(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
@@ -141,6 +146,7 @@ def test_refusal_answers_a700_and_server_keeps_serving(
     assert len(refusals) == 1
 
 
+@pytest.mark.network
 @pytest.mark.timeout(60)
 def test_handler_exception_is_processing_failure(tmp_path: Path) -> None:
     files = tiny_pet_files(tmp_path / "src", n=2)
@@ -159,6 +165,7 @@ def test_handler_exception_is_processing_failure(tmp_path: Path) -> None:
     assert len(calls) == 2  # the second instance on the same association still got through
 
 
+@pytest.mark.network
 @pytest.mark.timeout(60)
 def test_enospc_maps_to_out_of_resources(tmp_path: Path) -> None:
     files = tiny_pet_files(tmp_path / "src", n=1)
@@ -171,6 +178,7 @@ def test_enospc_maps_to_out_of_resources(tmp_path: Path) -> None:
     assert storescu_statuses(res) == [Status.OUT_OF_RESOURCES]
 
 
+@pytest.mark.network
 @pytest.mark.timeout(60)
 def test_unsupported_sop_class_gets_no_context(tmp_path: Path) -> None:
     files = tiny_pet_files(tmp_path / "src", n=1)
@@ -206,9 +214,9 @@ def test_store_refused_needs_a_failure_status() -> None:
 
 
 def test_accept_compressed_false_offers_native_syntaxes_only() -> None:
+    # Deflate (PS3.5 A.5) is a compression too: no inflation of any kind (issue 16).
     cfg = ReceiverConfig(accept_compressed=False)
-    assert set(cfg.offered_transfer_syntaxes) == {
-        "1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.1.99"}
+    assert set(cfg.offered_transfer_syntaxes) == {"1.2.840.10008.1.2.1", "1.2.840.10008.1.2"}
     with pytest.raises(ConfigError, match="uncompressed"):
         ReceiverConfig(accept_compressed=False, transfer_syntaxes=("1.2.840.10008.1.2.5",))
 

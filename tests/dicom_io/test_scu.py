@@ -188,7 +188,8 @@ def test_unreadable_file_fails_alone(tmp_path: Path) -> None:
     with start_receiver(ReceiverConfig(port=0), lambda i: Status.SUCCESS) as rx:
         report = send_files([junk, *files], Destination("DIPNODE", "127.0.0.1", rx.port))
     assert [r.ok for r in report.results] == [False, True]
-    assert "unreadable" in report.results[0].message
+    assert report.results[0].message.startswith("not a DICOM file")
+    assert "force" not in report.results[0].message  # pydicom's advice is for programmers
 
 
 # --- TLS ---------------------------------------------------------------------------------------
@@ -226,7 +227,7 @@ def test_tls_round_trip(tmp_path: Path) -> None:
 @pytest.mark.network
 @pytest.mark.timeout(30)
 def test_tcp_nodelay_is_set_on_both_ends(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # DESIGN.md "Networking facts": Nagle + delayed ACK cap pynetdicom at ~20 images/s.
+    # docs/DESIGN.md "Networking facts": Nagle + delayed ACK cap pynetdicom at ~20 images/s.
     import socket
 
     import dipnode.dicom_io.scp as scp_mod
@@ -285,3 +286,16 @@ def test_compressed_syntax_is_sent_as_is_or_reported(tmp_path: Path) -> None:
     assert part.association_ok
     assert [r.ok for r in part.results] == [True, False]
     assert part.results[1].status is None and "not sent" in part.results[1].message
+
+
+@pytest.mark.timeout(60)
+def test_unresolvable_host_is_a_failed_association_not_an_exception(tmp_path: Path) -> None:
+    # ".invalid" never resolves (RFC 2606). Before: socket.gaierror escaped send_files and
+    # echo (a traceback in `dipnode send`, a scheduler step failing at every tick in the node).
+    files = tiny_pet_files(tmp_path / "src", n=2)
+    dest = Destination("PACS", "nohost.invalid", 104)
+    report = send_files(files, dest)
+    assert not report.association_ok and not report.all_ok and report.n_failed == 2
+    assert "cannot resolve or use host 'nohost.invalid'" in (report.error or "")
+    result = echo(dest)
+    assert not result.ok and "cannot resolve or use host 'nohost.invalid'" in result.message

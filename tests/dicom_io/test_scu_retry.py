@@ -13,6 +13,7 @@ from dipnode.dicom_io.scu import Destination, send_files
 from peers import tiny_pet_files
 
 
+@pytest.mark.slow
 @pytest.mark.network
 @pytest.mark.timeout(60)
 def test_instances_unanswered_before_an_abort_are_sent_again(tmp_path: Path, caplog) -> None:
@@ -45,6 +46,7 @@ def test_instances_unanswered_before_an_abort_are_sent_again(tmp_path: Path, cap
     assert "sending them again" in caplog.text
 
 
+@pytest.mark.slow
 @pytest.mark.network
 @pytest.mark.timeout(60)
 def test_a_peer_that_always_aborts_is_reported_not_retried_forever(tmp_path: Path) -> None:

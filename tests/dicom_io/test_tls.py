@@ -23,7 +23,6 @@ from dipnode.node.settings import Settings
 from nodeproc import wait_for
 from peers import _poll, _stop, free_port, require, run_storescu, storescu_statuses, tiny_pet_files
 
-pytestmark = pytest.mark.network
 
 PET = "1.2.840.10008.5.1.4.1.1.128"
 ENV = {**os.environ, "TCP_NODELAY": "1"}
@@ -53,6 +52,7 @@ def _settings(pki: Path, **node: object) -> Settings:
     return Settings(node={"allowed_calling_aets": ["*"], "port": 0, **node})
 
 
+@pytest.mark.network
 @pytest.mark.timeout(90)
 def test_dcmtk_storescu_over_tls_to_our_receiver(pki: Path, tmp_path: Path) -> None:
     s = _settings(pki, tls_cert=pki / "server.pem", tls_key=pki / "server.key",
@@ -75,6 +75,7 @@ def test_dcmtk_storescu_over_tls_to_our_receiver(pki: Path, tmp_path: Path) -> N
     assert len(got) == 2
 
 
+@pytest.mark.network
 @pytest.mark.timeout(90)
 def test_our_tls_sender_to_dcmtk_storescp(pki: Path, tmp_path: Path) -> None:
     out = tmp_path / "rx"
@@ -97,10 +98,11 @@ def test_our_tls_sender_to_dcmtk_storescp(pki: Path, tmp_path: Path) -> None:
                      sender={"tls_ca": pki / "ca.pem", "tls_cert": pki / "client.pem",
                              "tls_key": pki / "client.key"})
         label = s.destinations[0].label
-        opts = wire.sender_options(s, label)
-        assert "tls" in opts
+        route = wire.destination_routes(s, wire.client_tls(s))[label]
+        assert route.tls is not None
         files = tiny_pet_files(tmp_path / "src", n=2)
-        report = send_files(files, Destination.parse(label), **opts)
+        report = send_files(files, route.peer, calling_ae=s.calling_ae, timeout_s=s.sender.timeout_s,
+                            tls=route.tls)
         assert report.all_ok, report
         assert len(list(out.iterdir())) == 2
         # The same destination with tls=false: DCMTK's TLS port refuses plain DICOM.
@@ -115,8 +117,9 @@ def test_destination_tls_overrides_sender_default(pki: Path) -> None:
     s = Settings(node={"allowed_calling_aets": ["*"]}, sender={"tls": True},
                  destinations=[{"ae_title": "A", "host": "127.0.0.1", "port": 1, "tls": False},
                                {"ae_title": "B", "host": "127.0.0.1", "port": 2}])
-    assert "tls" not in wire.sender_options(s, "A@127.0.0.1:1")
-    assert "tls" in wire.sender_options(s, "B@127.0.0.1:2")
+    routes = wire.destination_routes(s, wire.client_tls(s))
+    assert routes["A@127.0.0.1:1"].tls is None
+    assert routes["B@127.0.0.1:2"].tls is not None
 
 
 @pytest.mark.parametrize("node", [
@@ -142,6 +145,7 @@ def _associate(port: int) -> object:
     return ae.associate("127.0.0.1", port, ae_title="DIPNODE")
 
 
+@pytest.mark.network
 @pytest.mark.timeout(60)
 def test_association_beyond_max_is_rejected_then_accepted_again() -> None:
     cfg = ReceiverConfig(port=0, max_associations=1)
@@ -158,6 +162,7 @@ def test_association_beyond_max_is_rejected_then_accepted_again() -> None:
         third.release()
 
 
+@pytest.mark.network
 @pytest.mark.timeout(60)
 def test_idle_association_is_dropped_after_idle_timeout() -> None:
     cfg = ReceiverConfig(port=0, idle_timeout_s=1.0)
@@ -172,6 +177,7 @@ def test_idle_association_is_dropped_after_idle_timeout() -> None:
         assert assoc.is_aborted or assoc.is_released
 
 
+@pytest.mark.network
 @pytest.mark.timeout(60)
 def test_closed_node_and_address_networks(tmp_path: Path) -> None:
     files = tiny_pet_files(tmp_path / "src", n=1)
@@ -187,6 +193,7 @@ def test_closed_node_and_address_networks(tmp_path: Path) -> None:
             assert (result.returncode == 0) is admitted, result.stdout + result.stderr
 
 
+@pytest.mark.network
 @pytest.mark.timeout(60)
 def test_max_pdu_is_announced_and_large_instances_still_arrive(tmp_path: Path) -> None:
     # PS3.8 D.3.3.1: the acceptor announces its maximum PDU length; the peer must fragment.
@@ -206,3 +213,28 @@ def test_max_pdu_is_announced_and_large_instances_still_arrive(tmp_path: Path) -
         report = send_files([path], Destination("DIPNODE", "127.0.0.1", rx.port), timeout_s=10)
     assert report.all_ok and len(got) == 1
     assert pydicom.dcmread(BytesIO(got[0])).PixelData == ds.PixelData
+
+
+@pytest.mark.slow
+@pytest.mark.network
+@pytest.mark.timeout(60)
+def test_silent_tls_client_does_not_hold_the_accept_loop(pki: Path, tmp_path: Path) -> None:
+    # pynetdicom does the TLS handshake in its accept loop, with no timeout: one client that
+    # connects and sends nothing stopped every other connection. Ours does it in the
+    # connection's thread, bounded by request_timeout_s.
+    s = _settings(pki, tls_cert=pki / "server.pem", tls_key=pki / "server.key")
+    files = tiny_pet_files(tmp_path / "src", n=1)
+    with start_receiver(wire.receiver_config(s), lambda i: Status.SUCCESS) as rx:
+        silent = [socket.create_connection(("127.0.0.1", rx.port)) for _ in range(3)]
+        try:
+            t0 = time.monotonic()
+            ok = run_storescu(files, rx.port, called="DIPNODE", timeout_s=20,
+                              extra=["+tla", "+cf", str(pki / "ca.pem")])
+            assert ok.returncode == 0 and storescu_statuses(ok) == [0], ok.stdout + ok.stderr
+            assert time.monotonic() - t0 < 4.0  # not after the silent ones' timeouts
+            for sock in silent:  # and the silent ones are closed by the request timer
+                sock.settimeout(15)
+                assert sock.recv(1) == b""
+        finally:
+            for sock in silent:
+                sock.close()

@@ -24,3 +24,4 @@ def test_different_seed_or_order_or_split_differs() -> None:
 def test_bad_parts_rejected(parts: tuple[str, ...]) -> None:
     with pytest.raises(DicomOutputError, match="parts"):
         derive_uid(*parts)
+

@@ -37,3 +37,35 @@ def test_presets_valid_and_unknown_named():
     with pytest.raises(ValueError, match="paper"):
         preset("nope")
     assert Method("sdip").needs_mr and not Method.GAUSSIAN.needs_mr
+
+
+def test_resolve_params_is_the_one_rule() -> None:
+    from dipnode.models.params import resolve_params
+
+    assert resolve_params(preset_name="paper") == preset("paper")
+    p = resolve_params(preset_name="paper", overrides={"epochs": 50, "alpha": None})
+    assert (p.epochs, p.sample_from, p.alpha) == (50, 25, 0.6)  # None is unset
+    assert resolve_params(preset_name="tiny", overrides={"epochs": 3, "sample_every": 1}).sample_from == 1
+    # A job's own parameters are the base unless a preset is named.
+    job = preset("fast").replace(seed=7)
+    assert resolve_params(base=job, overrides={"alpha": 1.0}) == job.replace(alpha=1.0)
+    assert resolve_params(preset_name="tiny", base=job) == preset("tiny")
+    # cdip is SDIP with alpha 0: forced, and another explicit alpha is refused.
+    assert resolve_params(preset_name="paper", method="cdip").alpha == 0.0
+    assert resolve_params(base=job, method=Method.CDIP).alpha == 0.0
+    with pytest.raises(ValueError, match=r"DipParams\.alpha: expected 0 or unset with method 'cdip'"):
+        resolve_params(preset_name="paper", overrides={"alpha": 0.5}, method="cdip")
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({}, "expected a preset name or base parameters"),
+    ({"preset_name": "huge"}, r"^preset: unknown preset 'huge'"),
+    ({"preset_name": "paper", "overrides": {"epoch": 3}}, r"DipParams\.epoch: expected one of"),
+    ({"preset_name": "paper", "overrides": {"epochs": "many"}}, r"DipParams\.epochs: expected an integer"),
+    ({"preset_name": "paper", "overrides": {"epochs": 3, "sample_every": 5}}, "at least two samples"),
+])
+def test_resolve_params_errors_name_the_field(kwargs, match) -> None:
+    from dipnode.models.params import resolve_params
+
+    with pytest.raises(ValueError, match=match):
+        resolve_params(**kwargs)

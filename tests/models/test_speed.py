@@ -17,6 +17,20 @@ from dipnode.models.stability import TorchWelford, Welford
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/models/conftest.py
 
+
+def load_bench(name: str):
+    """bench/<name>.py by path (bench/ is a folder of measurement scripts, not a package)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[2] / "bench" / f"{name}.py")
+    module = sys.modules[name] = importlib.util.module_from_spec(spec)  # dataclasses look it up
+    spec.loader.exec_module(module)
+    return module
+
 SHAPE = (12, 16, 14)
 PARAMS = preset("tiny").replace(device="cpu", epochs=4, sample_from=2, sample_every=1, max_iter=3)
 
@@ -152,8 +166,6 @@ def test_torch_welford_matches_numpy_welford():
 
 
 def test_papernet_preset_is_exactly_what_the_fidelity_benchmark_measured():
-    from benchmods import load_bench
-
     fidelity = load_bench("fidelity")
     measured = fidelity.network_params("papernet", seed=0)
     assert preset("papernet").replace(device="cpu") == measured
@@ -162,8 +174,6 @@ def test_papernet_preset_is_exactly_what_the_fidelity_benchmark_measured():
 def test_cost_bench_counts_the_fits_passes_and_flops():
     """bench/cost.py: the passes it reports are the fit's own count; FLOPs scale with voxels
     and with the width squared (3x3x3 convolutions), counted on the meta device."""
-    from benchmods import load_bench
-
     cost = load_bench("cost")
     args = cost.parse_args(["--preset", "tiny", "--shape", "8", "12", "10", "--device", "cpu",
                             "--passes", "1", "--epochs", "1", "--fit", "--fit-epochs", "4"])

@@ -2,8 +2,10 @@ from pathlib import Path
 
 import pytest
 
-from dipnode.node.completion import complete_due, due_for_completion, expected_count, instance_record
-from dipnode.node.store import InstanceRecord, JobState, SeriesState, Store
+from dipnode.node.ingest.completion import complete_due, due_for_completion, expected_count, instance_record
+from dipnode.node.jobs.rows import InstanceRecord, JobState, SeriesState
+from dipnode.node.jobs.store import Store
+from dipnode.models.params import DipParams
 
 AGE = 30.0
 
@@ -85,14 +87,14 @@ def test_late_instance_reopens_and_completion_asks_for_a_rerun(store):
     for n in range(2):
         store.record_instance(inst(n, expected=2), 0.0)
     [first] = complete_due(store, 1.0, AGE)
-    job = store.create_job("1.9.1", method="sdip", params={}, now=1.0)
+    job = store.create_job("1.9.1", method="sdip", params=DipParams(), now=1.0)
     store.record_instance(inst(2, expected=2), 100.0)  # late
     s = store.series("1.9.1")
     assert s.state is SeriesState.RECEIVING and s.late_instances == 1
     # Count is already above expected: complete again at once, flagged as a re-run.
     [again] = complete_due(store, 100.0, AGE)
     assert again.rerun and again.series.instance_count == 3
-    rerun = store.create_job("1.9.1", method="sdip", params={}, now=100.0, rerun=True)
+    rerun = store.create_job("1.9.1", method="sdip", params=DipParams(), now=100.0, rerun=True)
     assert rerun.rerun_of == job.id and rerun.state is JobState.QUEUED
 
 

@@ -1,25 +1,25 @@
 """Crash safety of the running node: SIGKILL `dipnode serve` while senders stream studies in
-and jobs run, restart it, and check that nothing acknowledged is lost (bench/crash_soak.py is
-the machinery; the benchmark runs the same with 20+ kills)."""
+and jobs run, restart it, and check that nothing acknowledged is lost (tests/harness/soak.py is
+the machinery; bench/soak.py runs the same with 20+ kills)."""
 from __future__ import annotations
 
 import time
 from pathlib import Path
 
 import pytest
-
-from benchmods import load_bench
-
-pytestmark = [pytest.mark.network, pytest.mark.slow]
-
-crash_soak = load_bench("crash_soak")
+from dipnode.models.params import DipParams
+from harness import soak
+from peers import free_port
 
 
+
+@pytest.mark.network
+@pytest.mark.slow
 @pytest.mark.timeout(170)
 def test_kills_lose_no_acknowledged_instance_and_jobs_settle(tmp_path: Path) -> None:
     # 2 senders x 2 studies each (PET + MR, 16 slices of 16x16), the second study 2 s after
     # the first; 4 SIGKILLs at seeded moments, some while receiving, some inside a job.
-    r = crash_soak.run_soak(tmp_path / "soak", kills=4, seed=3, studies=4, senders=2,
+    r = soak.run_soak(tmp_path / "soak", kills=4, seed=3, studies=4, senders=2,
                             epochs=4, gap_s=2.0, final_timeout_s=120.0, say=lambda _s: None)
     assert r.problems == (), "\n".join(r.problems[:20])
     assert len(r.kill_log) == 4
@@ -36,34 +36,26 @@ def test_kills_lose_no_acknowledged_instance_and_jobs_settle(tmp_path: Path) -> 
 def test_check_state_finds_a_partial_file_and_a_lost_instance(tmp_path: Path) -> None:
     """The checker itself must be able to fail: a truncated spool file and an acknowledged
     instance missing from the index are both reported."""
-    import sqlite3
+    from dipnode.node.jobs.rows import InstanceRecord
+    from dipnode.node.jobs.store import Store
 
-    from dipnode.node.store import Store
-
-    study = crash_soak.make_studies(tmp_path / "data", 1, slices=3, size=8, with_mr=False)[0]
+    study = soak.make_studies(tmp_path / "data", 1, slices=3, size=8, with_mr=False)[0]
     spool = tmp_path / "spool"
     db = tmp_path / "db.sqlite"
-    Store.open(db).close()
-    keys = [crash_soak.instance_key(p) for p in study.pet_files]
-    for k, src in zip(keys, study.pet_files):
-        dst = crash_soak._spool_path(spool, k)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        dst.write_bytes(src.read_bytes())
-    with sqlite3.connect(db) as con:
-        con.execute("INSERT INTO series (series_uid, study_uid, modality, first_received_at,"
-                    " last_received_at, state) VALUES (?, ?, 'PT', 0, 0, 'receiving')",
-                    (keys[0].series_uid, keys[0].study_uid))
+    keys = [soak.instance_key(p) for p in study.pet_files]
+    with Store.open(db) as store:
+        for k, src in zip(keys, study.pet_files):
+            dst = soak.spool_path(spool, k)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            dst.write_bytes(src.read_bytes())
         for k in keys[:2]:  # the third acknowledged instance never reached the index
-            con.execute("INSERT INTO instances (sop_instance_uid, sop_class_uid, path, study_uid,"
-                        " series_uid, modality, received_at, transfer_syntax)"
-                        " VALUES (?, '1.2', ?, ?, ?, 'PT', 0, '1.2.840.10008.1.2.1')",
-                        (k.sop_instance_uid, str(crash_soak._spool_path(spool, k)), k.study_uid,
-                         k.series_uid))
-    good = crash_soak.check_state(spool, db, set(keys[:2]))
+            store.record_instance(InstanceRecord(k.sop_instance_uid, "1.2", soak.spool_path(spool, k),
+                                                 k.study_uid, k.series_uid, "PT", "1.2.840.10008.1.2.1"), 0.0)
+    good = soak.check_state(spool, db, set(keys[:2]))
     assert good.problems == () and good.on_disk == good.indexed == 2
-    partial = crash_soak._spool_path(spool, keys[1])
+    partial = soak.spool_path(spool, keys[1])
     partial.write_bytes(partial.read_bytes()[:-40])  # a torn write taken for a whole file
-    bad = crash_soak.check_state(spool, db, set(keys))
+    bad = soak.check_state(spool, db, set(keys))
     text = "\n".join(bad.problems)
     assert f"acknowledged {keys[2].sop_instance_uid} missing from the index" in text
     assert "truncated" in text or "unreadable" in text
@@ -73,13 +65,14 @@ def test_check_state_finds_a_partial_file_and_a_lost_instance(tmp_path: Path) ->
 def _job_left_sending(tmp_path: Path, outputs: list[Path]) -> tuple[Path, int]:
     """A database as a SIGKILL leaves it between `_run_job`'s SENDING transition and the
     deliveries it adds next: the job is SENDING with its results on disk and no delivery."""
-    from dipnode.node.store import InstanceRecord, JobState, Store
+    from dipnode.node.jobs.rows import InstanceRecord, JobState
+    from dipnode.node.jobs.store import Store
 
     db = tmp_path / "dipnode.sqlite"
     with Store.open(db) as store:
         store.record_instance(InstanceRecord("1.2.3.1", "1.2.840.10008.5.1.4.1.1.128",
                                              tmp_path / "x.dcm", "1.2.3", "1.2.3.4", "PT", "1.2.840.10008.1.2.1"), 0.0)
-        job = store.create_job("1.2.3.4", method="gaussian", params={}, now=0.0)
+        job = store.create_job("1.2.3.4", method="gaussian", params=DipParams(), now=0.0)
         assert store.claim_next_queued(1.0).id == job.id
         store.transition(job.id, JobState.SENDING, 2.0, output_dir=str(outputs[0].parent))
         assert store.deliveries(job.id) == []
@@ -89,15 +82,17 @@ def _job_left_sending(tmp_path: Path, outputs: list[Path]) -> tuple[Path, int]:
 def _settings(tmp_path: Path, destinations: list[tuple[str, int]]):
     from dipnode.node.settings import load_settings
 
-    cfg = crash_soak.write_config(tmp_path, crash_soak.free_port(), method={"name": "gaussian"},
+    cfg = soak.soak_settings(tmp_path, free_port(), method={"name": "gaussian"},
                                   destinations=destinations)
     return load_settings(cfg)
 
 
+@pytest.mark.network
 @pytest.mark.timeout(60)
 def test_job_killed_between_sending_and_its_deliveries_is_delivered_at_start(tmp_path: Path) -> None:
     from dipnode.node.server import Node
-    from dipnode.node.store import JobState, Store
+    from dipnode.node.jobs.rows import JobState
+    from dipnode.node.jobs.store import Store
     from peers import StorescpPeer, tiny_pet_files
 
     outputs = tiny_pet_files(tmp_path / "spool" / "outputs" / "job-1", n=3)
@@ -118,10 +113,12 @@ def test_job_killed_between_sending_and_its_deliveries_is_delivered_at_start(tmp
         assert [d.state.value for d in store.deliveries(job_id)] == ["sent"]
 
 
+@pytest.mark.network
 @pytest.mark.timeout(60)
 def test_job_killed_between_sending_and_done_without_destinations_is_done_at_start(tmp_path: Path) -> None:
     from dipnode.node.server import Node
-    from dipnode.node.store import JobState, Store
+    from dipnode.node.jobs.rows import JobState
+    from dipnode.node.jobs.store import Store
     from peers import tiny_pet_files
 
     outputs = tiny_pet_files(tmp_path / "spool" / "outputs" / "job-1", n=2)
@@ -135,15 +132,15 @@ def test_job_killed_between_sending_and_done_without_destinations_is_done_at_sta
 
 
 def _pet_record(tmp_path: Path, n: int):
-    from dipnode.node.store import InstanceRecord
+    from dipnode.node.jobs.rows import InstanceRecord
 
     return InstanceRecord(f"1.2.3.{n}", "1.2.840.10008.5.1.4.1.1.128", tmp_path / f"{n}.dcm",
                           "1.2.3", "1.2.3.4", "PT", "1.2.840.10008.1.2.1", patient_id="P1")
 
 
 def test_stable_age_does_not_count_the_time_the_node_was_down(tmp_path: Path) -> None:
-    from dipnode.node.completion import complete_due
-    from dipnode.node.store import Store
+    from dipnode.node.ingest.completion import complete_due
+    from dipnode.node.jobs.store import Store
 
     with Store.open(tmp_path / "db.sqlite") as store:
         store.record_instance(_pet_record(tmp_path, 1), 0.0)  # then the node was down until t=100
@@ -157,10 +154,10 @@ def test_stable_age_does_not_count_the_time_the_node_was_down(tmp_path: Path) ->
 def test_rerun_supersedes_the_job_that_has_not_started(tmp_path: Path) -> None:
     from dipnode.node.server import Node
     from dipnode.node.settings import load_settings
-    from dipnode.node.store import JobState
+    from dipnode.node.jobs.rows import JobState
 
-    cfg = crash_soak.write_config(tmp_path, crash_soak.free_port(),
-                                  method={"name": "sdip", "preset": "tiny"})
+    # Port 0: the node is never started here (tick() by hand), nothing listens.
+    cfg = soak.soak_settings(tmp_path, 0, method={"name": "sdip", "preset": "tiny"})
     node = Node(load_settings(cfg))  # not started: tick() by hand, no receiver
     try:
         node.store.record_instance(_pet_record(tmp_path, 1), 0.0)

@@ -1,16 +1,14 @@
 """Load on the running node: 8 concurrent associations x 112-slice PET series while a job runs
-(bench/load.py is the machinery; the benchmark runs it at 64x64 or 128x128)."""
+(tests/harness/load.py is the machinery; bench/load.py runs it at 64x64 or 128x128)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
 
-from benchmods import load_bench
+from harness import load
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
-
-load = load_bench("load")
 
 
 @pytest.mark.timeout(120)

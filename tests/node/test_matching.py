@@ -3,9 +3,9 @@ import dataclasses
 import pytest
 
 from dipnode.models.params import Method
-from dipnode.node.matching import DecisionKind, MatchRules, choose_mr, decide, rank_mr
+from dipnode.node.jobs.matching import DecisionKind, MatchRules, choose_mr, decide, rank_mr
 from dipnode.node.settings import Settings
-from dipnode.node.store import SeriesRow, SeriesState
+from dipnode.node.jobs.rows import SeriesRow, SeriesState
 
 
 def row(uid: str, modality: str = "MR", study: str = "S1", patient: str = "P1", **kw) -> SeriesRow:
@@ -148,3 +148,163 @@ def test_mr_wait_does_not_count_the_nodes_downtime():
     d = decide(PET, [], now=5000.0 + 599, settings=s, listening_since=5000.0)
     assert d.kind is DecisionKind.WAIT and d.wait_until == 5600.0
     assert decide(PET, [], now=5600.0, settings=s, listening_since=5000.0).kind is DecisionKind.FALLBACK
+
+
+# -- a real MR exam: exclusions, grace period, pass-over, sources ---------------------------------
+
+from pydicom.dataset import Dataset  # noqa: E402
+
+from dipnode.node.jobs.matching import remote_candidate  # noqa: E402
+from dipnode.node.jobs.rows import FetchRow, FetchState  # noqa: E402
+
+
+def exam() -> dict[str, SeriesRow]:
+    """The series of a realistic MR exam 3 days before the PET (another study)."""
+    common = dict(study="MRX", study_date="20260107", first_received_at=10.0)
+    return {
+        "localizer": row("LOC", series_description="localizer", image_type="ORIGINAL\\PRIMARY\\M\\NORM",
+                         orientations_mixed=True, mr_acquisition_type="2D", slice_thickness=8.0, **common),
+        "t2": row("T2", series_description="t2_tse_tra", image_type="ORIGINAL\\PRIMARY\\M\\NORM",
+                  mr_acquisition_type="2D", slice_thickness=6.0, **common),
+        "dwi": row("DWI", series_description="ep2d_diff_b0_1000_tra", positions_repeated=True,
+                   image_type="ORIGINAL\\PRIMARY\\DIFFUSION\\NONE", mr_acquisition_type="2D", **common),
+        "adc": row("ADC", series_description="ep2d_diff_b0_1000_tra_ADC",
+                   image_type="DERIVED\\PRIMARY\\DIFFUSION\\ADC", mr_acquisition_type="2D", **common),
+        "t1": row("T1", series_description="t1_mprage_sag_p2_iso", image_type="ORIGINAL\\PRIMARY\\M\\ND\\NORM",
+                  mr_acquisition_type="3D", slice_thickness=1.0, **common),
+    }
+
+
+def test_real_exam_chooses_the_t1_and_says_why_each_other_series_was_passed_over():
+    rows = exam()
+    report = rank_mr(PET, list(rows.values()), RULES)
+    assert report.chosen == rows["t1"]
+    why = dict(report.rejected)
+    assert set(why) == {"LOC", "DWI", "ADC"}
+    assert "matches exclusion" in why["LOC"]  # "localizer"; it also mixes orientations
+    assert "DIFFUSION is excluded" in why["DWI"]
+    assert "DERIVED is excluded" in why["ADC"]
+    assert [r.series_uid for r in report.ranked] == ["T1", "T2"]
+    d = decide(PET, list(rows.values()), now=1000.0, settings=settings())
+    assert d.kind is DecisionKind.PAIR and d.mr == rows["t1"]
+    assert "chose MR T1 't1_mprage_sag_p2_iso' (other study 3 days earlier, 3D, 1 mm)" in d.choice
+    assert "LOC 'localizer'" in d.choice and "ADC 'ep2d_diff_b0_1000_tra_ADC'" in d.choice
+    assert "ranked lower: T2 't2_tse_tra'" in d.choice
+
+
+@pytest.mark.parametrize("field,value,expected", [
+    ("image_type", "ORIGINAL\\PRIMARY\\LOCALIZER", "LOCALIZER is excluded"),
+    ("image_type", "DERIVED\\SECONDARY\\MPR", "DERIVED is excluded"),
+    ("image_type", "ORIGINAL\\PRIMARY\\P\\ND", "P is excluded"),  # a phase image
+    ("orientations_mixed", True, "several Image Orientations"),
+    ("positions_repeated", True, "repeat slice positions"),
+    ("series_description", "AAHead_Scout_64ch", "matches exclusion"),
+    ("series_description", "T1 3D MPR COR", "matches exclusion '(?<![a-z])mpr"),
+    ("series_description", "ep2d_diff_TRACEW", "matches exclusion"),
+])
+def test_each_exclusion_rule_alone_keeps_a_t1_looking_series_out(field, value, expected):
+    t1 = row("X", series_description="T1 MPRAGE 3D", mr_acquisition_type="3D")
+    assert choose_mr(PET, [t1], RULES) == t1
+    bad = dataclasses.replace(t1, **{field: value})
+    report = rank_mr(PET, [bad], RULES)
+    assert report.chosen is None and expected in report.rejected[0][1]
+
+
+def test_mprage_is_not_taken_for_a_reformat_and_exclusions_are_configurable():
+    assert choose_mr(PET, [row("X", series_description="t1_mprage_sag")], RULES) is not None
+    rules = MatchRules.from_settings(settings(mr_exclude_patterns=[], mr_exclude_image_types=[]))
+    loc = row("L", series_description="localizer", image_type="ORIGINAL\\PRIMARY\\LOCALIZER")
+    assert choose_mr(PET, [loc], rules) == loc
+    # Header facts are not configurable: a mixed-orientation series never loads as a volume.
+    assert choose_mr(PET, [dataclasses.replace(loc, orientations_mixed=True)], rules) is None
+
+
+def test_grace_period_waits_for_a_better_series_of_the_exam():
+    s = settings(mr_grace_s=60)
+    t2 = exam()["t2"]  # the exam's first series arrived at 10.0
+    d = decide(PET, [t2], now=40.0, settings=s)
+    assert d.kind is DecisionKind.WAIT and d.wait_until == 70.0 and "mr_grace_s" in d.reason
+    t1_arriving = dataclasses.replace(exam()["t1"], state=SeriesState.RECEIVING, completed_at=None)
+    # Past the grace period, a better-ranked series still arriving is waited for ...
+    d = decide(PET, [t2, t1_arriving], now=80.0, settings=s)
+    assert d.kind is DecisionKind.WAIT and "T1" in d.reason
+    # ... and taken once complete.
+    d = decide(PET, [t2, exam()["t1"]], now=90.0, settings=s)
+    assert d.kind is DecisionKind.PAIR and d.mr.series_uid == "T1"
+    # Without a better one arriving, the T2 is taken when the grace period ends.
+    d = decide(PET, [t2], now=70.0, settings=s)
+    assert d.kind is DecisionKind.PAIR and d.mr.series_uid == "T2"
+
+
+def test_a_passed_over_mr_gives_way_to_the_next_then_the_fallback():
+    rows = exam()
+    failed = {"T1": "MR unusable: AlignmentError: registration: Mattes MI -0.0010 above max_metric"}
+    d = decide(PET, list(rows.values()), now=1000.0, settings=settings(), passed_over=failed)
+    assert d.kind is DecisionKind.PAIR and d.mr.series_uid == "T2"
+    assert "T1 't1_mprage_sag_p2_iso': failed in this job: MR unusable: AlignmentError" in d.choice
+    both = {**failed, "T2": "MR unusable: GeometryError: slice step"}
+    d = decide(PET, list(rows.values()), now=1000.0, settings=settings(), passed_over=both)
+    assert d.kind is DecisionKind.FALLBACK and "failed in this job" in d.reason and d.choice.startswith("no MR:")
+
+
+def _fetch(state: FetchState, series_uid: str | None = None, note: str = "") -> FetchRow:
+    return FetchRow(job_id=1, state=state, attempts=0, next_attempt_at=0.0, source="PACS@h:104",
+                    study_uid="MRX" if series_uid else None, series_uid=series_uid, note=note,
+                    created_at=0.0, updated_at=0.0)
+
+
+def with_source(**matching) -> Settings:
+    return Settings(node={"allowed_calling_aets": ["*"]}, matching={"mr_wait_s": 600, **matching},
+                    sources=[{"ae_title": "PACS", "host": "h", "port": 104}], retrieve={"query_delay_s": 30})
+
+
+def test_no_mr_at_hand_queries_the_sources_after_query_delay_s():
+    s = with_source()
+    d = decide(PET, [], now=130.0 + 29, settings=s)  # the PET completed at 130
+    assert d.kind is DecisionKind.WAIT and d.wait_until == 160.0
+    assert decide(PET, [], now=160.0, settings=s).kind is DecisionKind.FETCH
+    # While the retrieval works, the job waits, even past mr_wait_s.
+    d = decide(PET, [], now=5000.0, settings=s, fetch=_fetch(FetchState.QUERY, note="C-MOVE ... attempt 1"))
+    assert d.kind is DecisionKind.WAIT and "attempt 1" in d.reason
+    # A retrieved series still arriving is waited for; complete and eligible, it is paired at once.
+    arriving = dataclasses.replace(exam()["t1"], state=SeriesState.RECEIVING, first_received_at=5000.0)
+    fetch = _fetch(FetchState.RETRIEVED, "T1")
+    assert decide(PET, [arriving], now=5001.0, settings=s, fetch=fetch).kind is DecisionKind.WAIT
+    done = dataclasses.replace(arriving, state=SeriesState.COMPLETE)
+    d = decide(PET, [done], now=5002.0, settings=s, fetch=fetch)
+    assert d.kind is DecisionKind.PAIR and d.mr.series_uid == "T1"  # no grace: chosen at the source
+
+
+def test_a_retrieved_series_found_unusable_asks_the_sources_again():
+    s = with_source()
+    # The C-FIND answer did not tell; its own headers showed several orientations once retrieved.
+    overview = dataclasses.replace(exam()["localizer"], series_description="T1 overview")
+    d = decide(PET, [overview], now=5000.0, settings=s, fetch=_fetch(FetchState.RETRIEVED, "LOC"))
+    assert d.kind is DecisionKind.FETCH and "several Image Orientations" in d.reason
+
+
+def test_sources_exhausted_or_failed_fall_back_with_their_reason():
+    s = with_source(fallback="fail")
+    d = decide(PET, [], now=200.0, settings=s, fetch=_fetch(FetchState.EXHAUSTED, note="no eligible MR at PACS@h:104"))
+    assert d.kind is DecisionKind.WAIT  # mr_wait_s has not passed: a pushed MR may still come
+    note = "C-MOVE of series X from PACS@h:104 failed: refused: UNABLE_TO_PROCESS (0xC000) (gave up after 4 attempts)"
+    d = decide(PET, [], now=800.0, settings=s, fetch=_fetch(FetchState.FAILED, note=note))
+    assert d.kind is DecisionKind.FAIL and d.reason.endswith("sources: " + note)
+
+
+def test_remote_candidate_ranks_c_find_identifiers_by_the_same_rules():
+    def ident(uid: str, desc: str, image_type: list[str], acq: str = "", thickness: str = "") -> Dataset:
+        ds = Dataset()
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = "1.2.3", uid, "MR"
+        ds.SeriesDescription, ds.ImageType, ds.StudyDate = desc, image_type, "20260107"
+        ds.MRAcquisitionType, ds.SliceThickness, ds.NumberOfSeriesRelatedInstances = acq, thickness, "40"
+        return ds
+
+    rows = [remote_candidate(ident("1.2.3.1", "localizer", ["ORIGINAL", "PRIMARY", "M"]), "P1", "HOSP"),
+            remote_candidate(ident("1.2.3.2", "ep2d_ADC", ["DERIVED", "PRIMARY", "DIFFUSION", "ADC"]), "P1", "HOSP"),
+            remote_candidate(ident("1.2.3.3", "t2_tse_tra", ["ORIGINAL", "PRIMARY"], "2D", "6"), "P1", "HOSP"),
+            remote_candidate(ident("1.2.3.4", "t1_mprage_sag", ["ORIGINAL", "PRIMARY"], "3D", "1.0"), "P1", "HOSP")]
+    assert rows[3].slice_thickness == 1.0 and rows[3].image_type == "ORIGINAL\\PRIMARY"
+    report = rank_mr(PET, rows, RULES)
+    assert [r.series_uid for r in report.ranked] == ["1.2.3.4", "1.2.3.3"]
+    assert {uid for uid, _ in report.rejected} == {"1.2.3.1", "1.2.3.2"}

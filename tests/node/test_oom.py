@@ -15,7 +15,8 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from dipnode.node.store import JobState, Store
+from dipnode.node.jobs.rows import JobState
+from dipnode.node.jobs.store import Store
 from dipnode.sim.study import PhantomStudy, write_phantom_study
 from nodeproc import NodeProcess, node_settings, wait_for
 from peers import free_port, run_echoscu, run_storescu
@@ -62,7 +63,7 @@ def test_on_oom_fail_ends_the_job_with_the_reason(study: PhantomStudy, tmp_path:
 @pytest.mark.timeout(500)
 def test_on_oom_gaussian_sends_the_gaussian_result(study: PhantomStudy, tmp_path: Path) -> None:
     job, log = _run(study, tmp_path, "gaussian", JobState.DONE)
-    assert job.method == "gaussian"
+    assert job.method.value == "gaussian"
     assert "OSEM + Gaussian instead (on_oom = gaussian)" in log
     pet = sorted(Path(job.output_dir).rglob("*.dcm"))
     assert len(pet) == len(study.pet_files)  # the derived PET; a Gaussian has no maps
@@ -73,8 +74,8 @@ def test_on_oom_gaussian_sends_the_gaussian_result(study: PhantomStudy, tmp_path
 @pytest.mark.timeout(500)
 def test_on_oom_cpu_runs_the_fit_again_without_the_limit(study: PhantomStudy, tmp_path: Path) -> None:
     job, log = _run(study, tmp_path, "cpu", JobState.DONE)
-    assert job.method == "sdip"
-    assert job.params["device"] == "cpu" and job.params["memory_limit_mb"] == 0
+    assert job.method.value == "sdip"
+    assert job.params.device == "cpu" and job.params.memory_limit_mb == 0
     assert "ran on the CPU instead (on_oom = cpu)" in log
     descs = {pydicom.dcmread(p, stop_before_pixels=True).SeriesDescription
              for p in Path(job.output_dir).rglob("*.dcm")}

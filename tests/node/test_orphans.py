@@ -30,4 +30,4 @@ def test_unindexed_spool_files_are_indexed_once(tmp_path: Path) -> None:
         assert sorted(node.store.series_instances(series_uid)) == sorted(s.path for s in stored)
         assert node.index_orphans() == 0  # idempotent
     finally:
-        node.store.close()
+        node.stop()

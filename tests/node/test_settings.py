@@ -5,7 +5,7 @@ import pytest
 
 from dipnode.models.params import Method, preset
 from dipnode.node.settings import (
-    SettingsError, example_settings_toml, load_settings, validate_ae_title,
+    SettingsError, example_settings_toml, load_settings,
 )
 
 MINIMAL = '[node]\nallowed_calling_aets = ["PACS"]\n'
@@ -58,7 +58,8 @@ def test_environment_overrides_one_key_of_a_section(tmp_path, monkeypatch):
     assert s.node.port == 2104
     assert s.node.ae_title == "FROMFILE"  # the rest of the section still comes from the file
     assert s.node.allowed_calling_aets == ["OTHER"]
-    assert s.dip_params().epochs == 300 and s.dip_params().sample_from == 100
+    # models.params.resolve_params: epochs without sample_from samples the second half.
+    assert s.dip_params().epochs == 300 and s.dip_params().sample_from == 150
 
 
 def test_no_file_uses_environment_and_defaults(monkeypatch):
@@ -76,7 +77,7 @@ def test_calling_aets_must_be_explicit(tmp_path):
 
 @pytest.mark.parametrize("body,key,fragment", [
     ('[node]\nallowed_calling_aets=["A"]\nport = 70000\n', "node.port", "70000"),
-    ('[node]\nallowed_calling_aets=["A"]\nae_title = "WAY_TOO_LONG_AE_TITLE"\n', "node.ae_title", "at most 16"),
+    ('[node]\nallowed_calling_aets=["A"]\nae_title = "WAY_TOO_LONG_AE_TITLE"\n', "node.ae_title", "expected 1-16 characters"),
     ('[node]\nallowed_calling_aets=["A\\\\B"]\n', "node.allowed_calling_aets", "backslash"),
     ('[node]\nallowed_calling_aets=["*", "PACS"]\n', "node.allowed_calling_aets", '["*"]'),
     (MINIMAL + '[matching]\nfallback = "pray"\n', "matching.fallback", "pray"),
@@ -140,20 +141,29 @@ def test_settings_are_immutable(tmp_path):
         s.node.port = 1  # type: ignore[misc]
 
 
-def test_ae_title_padding_is_not_significant():
-    assert validate_ae_title("  PACS ") == "PACS"
-    with pytest.raises(ValueError, match="non-space"):
-        validate_ae_title("    ")
+def test_ae_title_padding_is_not_significant(tmp_path):
+    s = load_settings(write(tmp_path, '[node]\nallowed_calling_aets = ["  PACS "]\nae_title = " ME"\n'))
+    assert s.node.allowed_calling_aets == ["PACS"] and s.node.ae_title == "ME"
+    with pytest.raises(SettingsError, match="non-space"):
+        load_settings(write(tmp_path, '[node]\nallowed_calling_aets = ["*"]\nae_title = "    "\n'))
 
 
-def test_example_file_loads_and_its_commented_defaults_are_the_defaults(tmp_path):
+def test_example_file_makes_the_admin_list_the_callers(tmp_path):
+    # The example accepts no caller until the admin writes the list: no ["*"] by copy-paste.
+    with pytest.raises(SettingsError, match=r"node.allowed_calling_aets: expected a value"):
+        load_settings(write(tmp_path, example_settings_toml()))
+
+
+def test_example_file_loads_and_its_commented_defaults_are_the_defaults(tmp_path, monkeypatch):
     text = example_settings_toml()
+    monkeypatch.setenv("DIPNODE_NODE__ALLOWED_CALLING_AETS", '["ORTHANC", "PETMR1"]')
     as_is = load_settings(write(tmp_path, text))
+    monkeypatch.delenv("DIPNODE_NODE__ALLOWED_CALLING_AETS")
     # Uncomment every "# key = value" line outside the destination example: the documented
     # defaults must be the real defaults.
     head, sep, tail = text.partition("# [[destinations]]")
     head = re.sub(r"(?m)^# ([a-z_]+ = .*?)(\s{2,}#.*)?$", r"\1", head)
-    tail_sections = tail.partition("[sender]")
+    tail_sections = tail.partition("\n[sender]\n")  # the section, not a "[sender] tls" comment
     tail = sep + tail_sections[0] + re.sub(
         r"(?m)^# ([a-z_]+ = .*?)(\s{2,}#.*)?$", r"\1", tail_sections[1] + tail_sections[2])
     full = load_settings(write(tmp_path, head + tail))
@@ -162,3 +172,15 @@ def test_example_file_loads_and_its_commented_defaults_are_the_defaults(tmp_path
     assert full.calling_ae == as_is.calling_ae
     assert full.model_dump(exclude={"method", "sender"}) == as_is.model_dump(exclude={"method", "sender"})
     assert full.sender.model_dump(exclude={"calling_ae"}) == as_is.sender.model_dump(exclude={"calling_ae"})
+
+
+def test_epochs_in_toml_follow_the_same_rule_as_the_command_line(tmp_path):
+    # Before: `[method] epochs = 50` with the paper preset failed (m = 100 > 50 epochs) while
+    # `--epochs 50` worked (the CLI moved m to 25). One rule now (models.params.resolve_params).
+    from dipnode.node.cli.options import cli_params
+
+    s = load_settings(write(tmp_path, MINIMAL + '[method]\npreset = "paper"\nepochs = 50\n'))
+    assert (s.dip_params().epochs, s.dip_params().sample_from) == (50, 25)
+    assert s.dip_params() == cli_params("paper", {"epochs": 50}).replace(device="auto")
+    kept = load_settings(write(tmp_path, MINIMAL + '[method]\nepochs = 50\nsample_from = 40\n'))
+    assert kept.dip_params().sample_from == 40  # an explicit m is kept

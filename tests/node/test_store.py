@@ -4,10 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from dipnode.node.store import (
-    SCHEMA_VERSION, DeliveryState, InstanceRecord, JobState, SeriesState, Store, StoreError,
-    TransitionError,
-)
+from dipnode.node.jobs.rows import DeliveryState, InstanceRecord, JobState, SeriesState, StoreError, TransitionError
+from dipnode.node.jobs.schema import SCHEMA_VERSION
+from dipnode.node.jobs.store import Store
+from dipnode.models.params import DipParams
 
 
 def inst(n: int, series: str = "1.2.3.1", study: str = "1.2.3", modality: str = "PT", **kw) -> InstanceRecord:
@@ -27,16 +27,16 @@ def store(tmp_path):
 def job_for(store: Store, series: str = "1.2.3.1", now: float = 0.0, **kw):
     if store.series(series) is None:
         store.record_instance(inst(1, series), now)
-    return store.create_job(series, method="sdip", params={"alpha": 0.6}, now=now, **kw)
+    return store.create_job(series, method="sdip", params=DipParams(alpha=0.6), now=now, **kw)
 
 
 def test_schema_and_pragmas(tmp_path):
     with Store(tmp_path / "a.sqlite") as s:
-        assert s.schema_version == SCHEMA_VERSION == 1
+        assert s.schema_version == SCHEMA_VERSION >= 2
         db = sqlite3.connect(tmp_path / "a.sqlite")
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        assert {"instances", "series", "jobs", "deliveries"} <= tables
+        assert {"instances", "series", "jobs", "deliveries", "mr_passed_over", "fetches"} <= tables
         db.close()
         assert s._query("PRAGMA synchronous")[0][0] == 2  # FULL
         assert s._query("PRAGMA foreign_keys")[0][0] == 1
@@ -46,7 +46,7 @@ def test_newer_schema_is_refused(tmp_path):
     db = sqlite3.connect(tmp_path / "b.sqlite")
     db.execute("PRAGMA user_version = 99")
     db.close()
-    with pytest.raises(StoreError, match="expected schema version <= 1, got 99"):
+    with pytest.raises(StoreError, match=f"expected schema version <= {SCHEMA_VERSION}, got 99"):
         Store(tmp_path / "b.sqlite")
 
 
@@ -99,7 +99,7 @@ def test_a_pet_is_processed_once_unless_rerun(store):
 
 def test_job_for_unknown_series_is_refused(store):
     with pytest.raises(StoreError, match="expected known series"):
-        store.create_job("9.9", method="sdip", params={}, now=0.0)
+        store.create_job("9.9", method="sdip", params=DipParams(), now=0.0)
 
 
 def test_legal_transitions_walk_the_lifecycle(store):
@@ -150,7 +150,7 @@ def test_claim_is_atomic_across_threads_and_connections(tmp_path):
     with Store(path) as s:
         for i in range(40):
             s.record_instance(inst(1, series=f"1.2.3.{i + 10}"), 0.0)
-            s.create_job(f"1.2.3.{i + 10}", method="sdip", params={}, now=0.0)
+            s.create_job(f"1.2.3.{i + 10}", method="sdip", params=DipParams(), now=0.0)
     stores = [Store(path) for _ in range(2)]  # two connections, as two processes would have
     claimed: list[int] = []
     lock = threading.Lock()
@@ -262,3 +262,19 @@ def test_dead_delivery_fails_job_and_reset_dead_resends(store):
 def test_open_creates_the_folder(tmp_path):
     with Store.open(tmp_path / "var" / "lib" / "db.sqlite") as s:
         assert s.schema_version == SCHEMA_VERSION
+
+
+def test_a_read_only_store_reads_beside_the_writer_and_writes_nothing(tmp_path):
+    # The soak/load harness and tools read the node's database through this, never raw SQL.
+    path = tmp_path / "ro.sqlite"
+    with pytest.raises(StoreError, match="expected an existing file"):
+        Store.open_readonly(path)
+    with Store(path) as writer:
+        j = job_for(writer)
+        with Store.open_readonly(path) as reader:
+            assert reader.job(j.id) == j and reader.integrity_check() == "ok"
+            assert reader.indexed_instances() == {"1.2.3.1.1": Path("/spool/1.2.3.1/1.dcm")}
+            with pytest.raises(sqlite3.OperationalError, match="readonly"):
+                reader.create_job("1.2.3.1", method="sdip", params=DipParams(), now=1.0, rerun=True)
+            writer.transition(j.id, JobState.RUNNING, 2.0)  # the writer goes on meanwhile
+            assert reader.job(j.id).state is JobState.RUNNING

@@ -13,14 +13,13 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
 
-from dipnode.dicom_io.derived_pet import write_derived_pet, write_series
+from dipnode.dicom_io.derived_pet import write_derived_pet
 from dipnode.dicom_io.parametric_map import write_data_weight_map, write_stability_map
-from dipnode.dicom_io.provenance import OutputSpec
+from dipnode.dicom_io.provenance import OutputSpec, software_version
 from dipnode.dicom_io.series import load_volume, read_datasets, split_series
 from dipnode.dicom_io.uids import derive_uid
 from dipnode.dicom_io.volume import Volume
@@ -28,38 +27,64 @@ from dipnode.models.align import AlignedMr, align_mr_to_pet
 from dipnode.models.denoise import DenoiseResult, denoise
 from dipnode.models.guard import GuardParams
 from dipnode.models.params import DipParams, Method
+from dipnode.node.settings import OutputSettings
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int, float], None]
 
 
-def software_version() -> str:
-    try:
-        return version("dipnode")
-    except PackageNotFoundError:  # running from a source tree that was not installed
-        return "0+unknown"
-
-
 class PipelineError(ValueError):
     """A study cannot be processed; the message says why in words a technologist can act on."""
 
 
+class MrUnusableError(PipelineError):
+    """The MR series could not be loaded or put on the PET grid: the node passes it over and
+    chooses another MR (or falls back) rather than failing the job while another may serve."""
+
+
 @dataclass(frozen=True)
 class OutputOptions:
-    """What to write and how to label it (from settings or the command line)."""
+    """What to write and how to label it. Series number 0: not written. The defaults live in
+    one place, the settings' [output] (:meth:`from_settings`)."""
 
-    series_number_pet: int = 1001
-    series_number_map: int = 1002
-    series_number_map_plain: int = 0  # 0: no plain derived copy of the map
-    series_number_weight: int = 1004  # the data weight w (Parametric Map); 0: not written
-    series_number_weight_plain: int = 0  # w in percent as a plain derived series; 0: none
-    description_prefix: str = "SDIP"
-    research: bool = True
+    series_number_pet: int
+    series_number_map: int
+    series_number_map_plain: int
+    series_number_weight: int
+    series_number_weight_plain: int
+    description_prefix: str
+    research: bool
     # Output UIDs derive from this seed; None: from the sources and the parameters, so running
     # the same inputs again gives the same UIDs (a re-send is idempotent). The node passes its
     # job's seed, which a deliberate re-run changes.
     uid_seed: str | None = None
+
+    @classmethod
+    def from_settings(cls, output: OutputSettings | None = None, *, study_job_index: int = 0,
+                      uid_seed: str | None = None) -> OutputOptions:
+        """``output`` (default: the defaults of [output]) for the n-th job of a study
+        (:func:`output_series_numbers`); `dipnode denoise` writes what the node sends."""
+        o = output if output is not None else OutputSettings()
+        numbers = output_series_numbers(
+            (o.series_number_pet or 0, o.series_number_map or 0, o.series_number_map_plain or 0,
+             o.series_number_weight or 0, o.series_number_weight_plain or 0), study_job_index)
+        return cls(*numbers, description_prefix=o.description_prefix, research=o.research,
+                   uid_seed=uid_seed)
+
+
+def output_series_numbers(configured: tuple[int, ...], study_job_index: int) -> tuple[int, ...]:
+    """Series Numbers for the n-th job of a study (n = ``study_job_index``, from 0).
+
+    Two PET series of one study (or a re-run) must not come back under one number: the n-th
+    job adds n times the span of the configured numbers (highest - lowest + 1) to each, so the
+    blocks never overlap - with the defaults 1001-1005, then 1006-1010, ... Unset (0) stays 0.
+    The node's index counts every job of the study in job order, so a job's numbers never change.
+    """
+    used = [n for n in configured if n]
+    span = max(used) - min(used) + 1
+    offset = study_job_index * span
+    return tuple(n + offset if n else 0 for n in configured)
 
 
 @dataclass(frozen=True)
@@ -102,14 +127,6 @@ def load_single_series(paths: Sequence[Path], modality: str) -> Volume:
         uids = ", ".join(str(g[0].SeriesInstanceUID) for g in groups)
         raise PipelineError(f"several {modality} series found ({uids}); pass one series")
     return load_volume(groups[0], modality=modality)
-
-
-def files_under(path: Path) -> list[Path]:
-    if path.is_file():
-        return [path]
-    if not path.is_dir():
-        raise PipelineError(f"{path}: no such file or folder")
-    return sorted(p for p in path.rglob("*") if p.is_file())
 
 
 def align(pair: PetMrPair) -> AlignedPair:
@@ -166,6 +183,26 @@ def describe(method: Method, params: DipParams, pair: PetMrPair,
     return text[:1024]
 
 
+def series_descriptions(prefix: str, method: Method, params: DipParams) -> dict[str, str]:
+    """Series Description (0008,103E, LO: <= 64 characters) of each output, as a PACS lists it:
+    the prefix (routing rules match it so that outputs are not routed back), what the series
+    is, and the method: "dipnode PET SDIP a0.6", "dipnode stability map", "dipnode data
+    weight". The writers append " [RESEARCH]" while outputs are labelled research."""
+    if method is Method.SDIP:
+        name = f"SDIP a{params.alpha:g}"
+    elif method is Method.SDIP_PAPER:
+        # two significant digits: with the longest prefix the name has 16 characters of LO's 64
+        name = f"SDIP-paper a{params.alpha:.2g}"
+    elif method is Method.CDIP:
+        name = "cDIP"
+    else:
+        name = f"Gaussian {params.fwhm_voxels:.3g} vx"
+    lead = f"{prefix} " if prefix else ""
+    return {"pet": f"{lead}PET {name}", "map": f"{lead}stability map",
+            "map-plain": f"{lead}stability map Bq/ml", "weight": f"{lead}data weight",
+            "weight-plain": f"{lead}data weight %"}
+
+
 def content_uid_seed(method: Method, params: DipParams, pair: PetMrPair) -> str:
     """Outputs derive from the sources and the parameters: a re-send of the same run is idempotent."""
     payload = {
@@ -185,9 +222,7 @@ def encode_and_write(aligned: AlignedPair, result: DenoiseResult, pair: PetMrPai
     seed = options.uid_seed or content_uid_seed(method, params, pair)
     now = datetime.now(timezone.utc).astimezone()
     derivation = describe(method, params, pair, result)
-    label = f"{options.description_prefix} {method.value.upper()}"
-    if method.blends:
-        label += f" a{params.alpha:g}"
+    descriptions = series_descriptions(options.description_prefix, method, params)
     # The writers append " [RESEARCH]" to the description while spec.research is set.
 
     def spec(role: str, number: int, description: str) -> OutputSpec:
@@ -198,53 +233,48 @@ def encode_and_write(aligned: AlignedPair, result: DenoiseResult, pair: PetMrPai
             software_version=software_version(), research=options.research,
         )
 
-    pet_ds = write_derived_pet(aligned.pet, result.denoised, spec("pet", options.series_number_pet, label))
-    pet_files = write_series(pet_ds, out_dir / "pet")
+    pet_files = write_derived_pet(aligned.pet, result.denoised,
+                                  spec("pet", options.series_number_pet, descriptions["pet"]), out_dir / "pet")
     map_files: list[Path] = []
     if result.stability is not None and options.series_number_map:
-        pm = write_stability_map(aligned.pet, result.stability,
-                                 spec("map", options.series_number_map, f"{label} stability map"),
-                                 mr_reference_note=derivation)
-        map_dir = out_dir / "map"
-        map_dir.mkdir(parents=True, exist_ok=True)
-        target = map_dir / f"{pm.SOPInstanceUID}.dcm"
-        pm.save_as(target, enforce_file_format=True)
-        map_files.append(target)
+        map_files.append(write_stability_map(aligned.pet, result.stability,
+                                             spec("map", options.series_number_map, descriptions["map"]),
+                                             out_dir / "map", mr_reference_note=derivation))
         if options.series_number_map_plain:
-            plain = write_derived_pet(aligned.pet, result.stability,
-                                      spec("map-plain", options.series_number_map_plain,
-                                           f"{label} stability map (Bq/ml)"))
-            map_files += write_series(plain, out_dir / "map-plain")
+            map_files += write_derived_pet(aligned.pet, result.stability,
+                                           spec("map-plain", options.series_number_map_plain,
+                                                descriptions["map-plain"]), out_dir / "map-plain")
     weight_files: list[Path] = []
     if result.data_weight is not None and options.series_number_weight:
-        wm = write_data_weight_map(aligned.pet, result.data_weight,
-                                   spec("weight", options.series_number_weight,
-                                        f"{label} data weight"),
-                                   mr_reference_note=derivation)
-        weight_dir = out_dir / "weight"
-        weight_dir.mkdir(parents=True, exist_ok=True)
-        target = weight_dir / f"{wm.SOPInstanceUID}.dcm"
-        wm.save_as(target, enforce_file_format=True)
-        weight_files.append(target)
+        weight_files.append(write_data_weight_map(aligned.pet, result.data_weight,
+                                                  spec("weight", options.series_number_weight,
+                                                       descriptions["weight"]),
+                                                  out_dir / "weight", mr_reference_note=derivation))
         if options.series_number_weight_plain:
             # Percent, Units PCNT: a plain viewer shows "share of the measured value, %".
-            plain = write_derived_pet(aligned.pet, 100.0 * result.data_weight,
-                                      spec("weight-plain", options.series_number_weight_plain,
-                                           f"{label} data weight (%)"), units="PCNT")
-            weight_files += write_series(plain, out_dir / "weight-plain")
+            weight_files += write_derived_pet(aligned.pet, 100.0 * result.data_weight,
+                                              spec("weight-plain", options.series_number_weight_plain,
+                                                   descriptions["weight-plain"]),
+                                              out_dir / "weight-plain", units="PCNT")
     return pet_files, map_files, weight_files
 
 
 def run(pet_paths: Sequence[Path], mr_paths: Sequence[Path] | None, out_dir: Path, *,
-        method: Method, params: DipParams, options: OutputOptions = OutputOptions(),
+        method: Method, params: DipParams, options: OutputOptions | None = None,
         progress: Progress | None = None, snapshot_epochs: Sequence[int] = ()) -> PipelineResult:
     """Denoise one PET series (with its MR for the DIP methods) and write the DICOM outputs."""
     if method.needs_mr and not mr_paths:
         raise PipelineError(f"method {method.value} needs an MR series; none was given")
+    options = options if options is not None else OutputOptions.from_settings()
     pet = load_single_series(pet_paths, "PT")
-    mr = load_single_series(mr_paths, "MR") if (mr_paths and method.needs_mr) else None
-    pair = PetMrPair(pet, mr)
-    aligned = align(pair)
+    try:
+        mr = load_single_series(mr_paths, "MR") if (mr_paths and method.needs_mr) else None
+        pair = PetMrPair(pet, mr)
+        aligned = align(pair)
+    except ValueError as exc:  # DicomInputError, AlignmentError, PipelineError: all ValueErrors
+        if mr_paths and method.needs_mr:
+            raise MrUnusableError(f"MR unusable: {type(exc).__name__}: {exc}") from exc
+        raise
     result = denoise(pet.values, aligned.mr_on_pet, pet.geometry.spacing, params, method=method,
                      progress=progress, snapshot_epochs=snapshot_epochs)
     pet_files, map_files, weight_files = encode_and_write(aligned, result, pair, options, out_dir)

@@ -8,7 +8,7 @@ association is never taken as the end of a series. A receiving series is complet
 2. no new instance has arrived for ``stable_age_s`` (each new instance restarts the clock).
 
 Late instances (a new SOP instance for a complete series) re-open the series in the store
-(store.py); the series then completes again by the same rules and is reported with
+(node/jobs/store.py); the series then completes again by the same rules and is reported with
 ``rerun=True``: the pipeline creates a new job for a PET (``create_job(..., rerun=True)``,
 with fresh output UIDs) rather than silently keeping a result computed from a partial series.
 """
@@ -20,13 +20,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dipnode.node.store import InstanceRecord, SeriesRow, Store
+from dipnode.node.jobs.rows import InstanceRecord, SeriesRow
+from dipnode.node.jobs.store import Store
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "CompletedSeries", "complete_due", "due_for_completion", "expected_count", "instance_record", "is_due",
+    "CompletedSeries", "check_indexable", "complete_due", "due_for_completion", "expected_count",
+    "instance_record", "is_due",
 ]
+
+# An SQLite INTEGER is 64-bit; any count beyond IS's range (PS3.5 6.2: -2^31..2^31-1) is
+# malformed anyway and is treated as absent, like any other malformed count.
+_COUNT_MAX = 2**31 - 1
 
 
 def expected_count(
@@ -67,9 +73,9 @@ def _int(ds: Any, keyword: str) -> int | None:
     v = getattr(ds, keyword, None)
     try:
         n = int(v) if v not in (None, "") else None
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None  # a malformed count is treated as absent: completion falls back to stable age
-    return n if n is not None and n >= 1 else None
+    return n if n is not None and 1 <= n <= _COUNT_MAX else None
 
 
 def _first(value: Any) -> str:
@@ -87,7 +93,14 @@ def instance_record(ds: Any, path: Path, transfer_syntax: str) -> InstanceRecord
 
     def text(keyword: str) -> str:
         v = getattr(ds, keyword, None)
-        return "" if v is None else str(v).strip()
+        if v is None:
+            return ""
+        if isinstance(v, Sequence) and not isinstance(v, (str, bytes)):
+            # A multi-valued string is indexed in its DICOM form (PS3.5 6.4: values separated
+            # by backslash), never as Python list text. (A multi-valued Patient ID never gets
+            # here: dicom_io.intake refuses it.)
+            return "\\".join(str(x).strip() for x in v)
+        return str(v).strip()
 
     modality = text("Modality")
     series_type = getattr(ds, "SeriesType", None)
@@ -122,7 +135,39 @@ def instance_record(ds: Any, path: Path, transfer_syntax: str) -> InstanceRecord
             number_of_rr_intervals=_int(ds, "NumberOfRRIntervals"),
             number_of_time_slots=_int(ds, "NumberOfTimeSlots"),
         ),
+        image_type="\\".join(str(v).strip() for v in _values(getattr(ds, "ImageType", None))),
+        orientation=_floats(ds, "ImageOrientationPatient", 6),
+        position=_floats(ds, "ImagePositionPatient", 3),  # type: ignore[arg-type]
     )
+
+
+def check_indexable(record: InstanceRecord) -> None:
+    """Raise ValueError naming the attribute when the index cannot take ``record``: checked
+    before an instance is written, so that a refusal leaves nothing behind."""
+    for attr, keyword, tag in (("sop_instance_uid", "SOP Instance UID", "(0008,0018)"),
+                               ("series_uid", "Series Instance UID", "(0020,000E)"),
+                               ("study_uid", "Study Instance UID", "(0020,000D)"),
+                               ("modality", "Modality", "(0008,0060)")):
+        if not getattr(record, attr):
+            raise ValueError(f"{keyword} {tag}: expected a value, got none")
+
+
+def _values(value: Any) -> list[Any]:
+    if value is None or value == "":
+        return []
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return list(value)
+    return [value]
+
+
+def _floats(ds: Any, keyword: str, n: int) -> tuple[float, ...] | None:
+    """A multi-valued DS as floats, or None when absent or malformed (matching's header facts
+    then stay unknown; the loader reports the real problem if the series is ever used)."""
+    try:
+        values = tuple(float(v) for v in _values(getattr(ds, keyword, None)))
+    except (TypeError, ValueError):
+        return None
+    return values if len(values) == n else None
 
 
 @dataclass(frozen=True)

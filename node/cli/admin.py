@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import time
 from datetime import datetime
+from pathlib import Path
 
-from dipnode.models.params import DipParams, Method
+from dipnode.models.params import Method, resolve_params
 from dipnode.node.settings import Settings
-from dipnode.node.store import JobState, Store
+from dipnode.node.jobs.rows import JobState
+from dipnode.node.jobs.store import Store
 
 
 def jobs_table(store: Store, *, include_done: bool = False) -> str:
@@ -18,7 +20,7 @@ def jobs_table(store: Store, *, include_done: bool = False) -> str:
     lines = [header]
     for j in rows:
         when = datetime.fromtimestamp(j.updated_at).strftime("%Y-%m-%d %H:%M:%S")
-        line = (f"{j.id:>5}  {j.state.value:<15} {j.progress * 100:>4.0f}%  {j.method:<8} {when:<19}  "
+        line = (f"{j.id:>5}  {j.state.value:<15} {j.progress * 100:>4.0f}%  {j.method.value:<8} {when:<19}  "
                 f"{j.pet_series_uid}")
         if j.rerun_of is not None:
             line += f" (re-run of {j.rerun_of})"
@@ -26,6 +28,11 @@ def jobs_table(store: Store, *, include_done: bool = False) -> str:
         dead = [d for d in store.deliveries(j.id) if d.state.value == "dead"]
         if j.reason:
             lines.append(f"{'':>7}reason: {j.reason}")
+        if j.mr_choice:  # why this MR (or none), which were passed over and why
+            lines.append(f"{'':>7}MR: {j.mr_choice}")
+        fetch = store.fetch(j.id)
+        if fetch is not None and (j.state is JobState.WAITING_FOR_MR or not j.mr_choice):
+            lines.append(f"{'':>7}retrieval from the PACS ({fetch.state.value}): {fetch.note or 'query due'}")
         for d in dead:
             lines.append(f"{'':>7}dead letter: {d.destination} after {d.attempts} attempts: "
                          f"{d.last_error} (dipnode resend {j.id})")
@@ -34,19 +41,26 @@ def jobs_table(store: Store, *, include_done: bool = False) -> str:
     return "\n".join(lines)
 
 
+def quarantine_line(spool_dir: Path) -> str | None:
+    """"quarantined: N files in DIR" when start-up moved spool files it could not index there
+    (node/ingest/receiver.py index_orphans); None when there are none."""
+    folder = Path(spool_dir) / "quarantine"
+    n = sum(1 for p in folder.iterdir() if p.is_file()) if folder.is_dir() else 0
+    if not n:
+        return None
+    return (f"quarantined: {n} files in {folder} (spool files that could not be indexed at "
+            "start-up; see the node's log for each reason)")
+
+
 def request_rerun(store: Store, settings: Settings, job_id: int, *, method: str | None,
                   preset_name: str | None, overrides: dict[str, object]) -> int:
     """Queue a new job for the same PET (new output series), with other parameters if given."""
-    from dipnode.node.commands import resolve_params
-
     old = store.job(job_id)
-    base = DipParams(**old.params)
-    params = resolve_params(preset_name, overrides, base=base)
     chosen = Method(method or old.method)
-    if chosen is Method.CDIP:
-        params = params.replace(alpha=0.0)
+    params = resolve_params(preset_name=preset_name, base=old.params,
+                            overrides=overrides, method=chosen)
     needs_wait = chosen.needs_mr and old.mr_series_uid is None
-    job = store.create_job(old.pet_series_uid, method=chosen.value, params=params.as_dict(),
+    job = store.create_job(old.pet_series_uid, method=chosen, params=params,
                            now=time.time(), mr_series_uid=old.mr_series_uid, rerun=True,
                            state=JobState.WAITING_FOR_MR if needs_wait else JobState.QUEUED)
     return job.id
