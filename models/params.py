@@ -173,7 +173,7 @@ PRESETS: dict[str, DipParams] = {
     # The paper's network at the schedule the fidelity benchmark validates (bench/FIDELITY.md,
     # "papernet"): 12 epochs of 10 inner iterations, S over epochs 6-12 (7 samples). On the
     # phantom the paper network fits the noise after ~15 such epochs, so the paper's 200 x 20
-    # is not better there; this is ~150 forward+backward passes against the paper preset's
+    # is not better there; this is ~140 forward+backward passes against the paper preset's
     # ~4,800 (bench/README.md, bench/cost.py): the GPU preset that can return a study in
     # about a minute. Not the default until a GPU run measures it at full size.
     "papernet": DipParams(epochs=12, max_iter=10, sample_from=6, sample_every=1),
