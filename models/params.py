@@ -75,7 +75,8 @@ class DipParams:
         under bfloat16 autocast; the loss, the optimiser state and the stability accumulator
         stay float32/float64, since L-BFGS's line search compares losses).
     channels_last: the network's weights and input in channels-last-3d memory order.
-    compile: ``torch.compile`` the network (a one-time compilation per fit).
+    compile: ``torch.compile`` the network (a one-time compilation per fit; the CPU fit is then
+        reproducible to rounding, not bit for bit: torch's deterministic mode is left off).
     cudnn_benchmark: let cuDNN time its convolution algorithms for this shape (CUDA only).
     memory_limit_mb: refuse the fit, before it starts, with ``torch.OutOfMemoryError`` when its
         estimated peak memory (``dip.fit_memory_bytes``) exceeds this; 0: no limit (the device's
