@@ -306,10 +306,19 @@ def fit_conditional_dip(pet: np.ndarray, mr: np.ndarray, params: DipParams,
     check_memory_limit(pet.shape, params, device)
     try:
         return _fit(pet, mr, params, device, snaps, progress, t_start)
-    except torch.OutOfMemoryError as exc:
-        if device.type == "cuda":
-            torch.cuda.empty_cache()  # hand the failed fit's blocks back for whatever runs next
-        raise DipOutOfMemoryError(str(device), pet.shape, params, str(exc).splitlines()[0]) from exc
+    except (torch.OutOfMemoryError, RuntimeError) as exc:
+        # torch.OutOfMemoryError: a CUDA device is full. The CPU allocator raises a plain
+        # RuntimeError with its own words instead: the same condition on a GPU-less host.
+        if not isinstance(exc, torch.OutOfMemoryError) and "can't allocate memory" not in str(exc):
+            raise
+        what = (str(exc).splitlines() or ["the allocator's OutOfMemoryError"])[0]
+        err = DipOutOfMemoryError(str(device), pet.shape, params, what)
+        err.__cause__ = exc.with_traceback(None)  # the traceback would keep the fit's tensors alive
+    # Out of the except block the failed fit's tensors are unreferenced: give their blocks back
+    # to the device for whatever runs next (an on_oom retry, another job).
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    raise err
 
 
 def _fit(pet: np.ndarray, mr: np.ndarray, params: DipParams, device: torch.device,

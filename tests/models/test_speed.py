@@ -187,3 +187,32 @@ def test_cost_bench_counts_the_fits_passes_and_flops():
     f_wide = cost.flops_per_pass((16, 16, 16), tiny.replace(base_channels=8))
     assert 3.0 < f_wide / f1 < 4.2  # the first conv (1 input channel) grows only linearly
     assert cost.flops_per_pass((112, 136, 136), preset("paper")) == 787_950_600_192  # bench/README.md
+
+
+_RLIMIT_FIT = """
+import resource, numpy as np, torch
+from dipnode.models.dip import fit_conditional_dip, DipOutOfMemoryError
+from dipnode.models.params import preset
+torch.set_num_threads(1)
+pet = np.random.default_rng(0).poisson(50, (48, 64, 64)).astype(np.float32)
+vsz = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
+resource.setrlimit(resource.RLIMIT_AS, (vsz + 300 * 2**20, resource.RLIM_INFINITY))
+try:
+    fit_conditional_dip(pet, pet, preset("paper").replace(device="cpu", epochs=2, sample_from=1, sample_every=1, max_iter=1))
+    print("no error")
+except DipOutOfMemoryError as e:
+    print("DipOutOfMemoryError:", e)
+"""
+
+
+@pytest.mark.slow
+def test_a_real_allocation_failure_is_the_fits_out_of_memory_error():
+    """The host allocator really failing (a child process whose address space is capped 300 MiB
+    above what it holds, fitting the paper network that needs ~1 GiB) ends the fit with the
+    same DipOutOfMemoryError the node's on_oom policy acts on."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _RLIMIT_FIT], capture_output=True, text=True, timeout=240)
+    assert "DipOutOfMemoryError: out of memory on cpu for a 48x64x64 volume" in out.stdout, out.stdout + out.stderr
+    assert "can't allocate memory" in out.stdout
