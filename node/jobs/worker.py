@@ -232,9 +232,10 @@ class Worker:
             # No memory limit on the host; the rest of the method is unchanged (same seed and
             # schedule), so the result is the one the device would have given, only slower.
             params = params.replace(device="cpu", memory_limit_mb=0)
-            note = f"{oom}; ran on the CPU instead (on_oom = cpu)"
+            instead = "ran on the CPU instead (on_oom = cpu)"
         else:
             method = Method.GAUSSIAN
-            note = f"{oom}; OSEM + Gaussian instead (on_oom = gaussian)"
-        log.warning("job %d: %s", job_id, note)
-        return method, params, note[:2000]
+            instead = "OSEM + Gaussian instead (on_oom = gaussian)"
+        # The outcome first: the log shortens long values, and the error is the long part.
+        log.warning("job %d out of memory: %s; %s", job_id, instead, oom)
+        return method, params, f"{oom}; {instead}"[:2000]

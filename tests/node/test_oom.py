@@ -68,7 +68,7 @@ def test_on_oom_gaussian_sends_the_gaussian_result(study: PhantomStudy, tmp_path
     pet = sorted(Path(job.output_dir).rglob("*.dcm"))
     assert len(pet) == len(study.pet_files)  # the derived PET; a Gaussian has no maps
     ds = pydicom.dcmread(pet[0], stop_before_pixels=True)
-    assert "GAUSSIAN" in ds.SeriesDescription and "Gaussian" in ds.DerivationDescription
+    assert "gaussian" in ds.SeriesDescription.lower() and "Gaussian" in ds.DerivationDescription
 
 
 @pytest.mark.timeout(500)
@@ -77,6 +77,7 @@ def test_on_oom_cpu_runs_the_fit_again_without_the_limit(study: PhantomStudy, tm
     assert job.method.value == "sdip"
     assert job.params.device == "cpu" and job.params.memory_limit_mb == 0
     assert "ran on the CPU instead (on_oom = cpu)" in log
-    descs = {pydicom.dcmread(p, stop_before_pixels=True).SeriesDescription
-             for p in Path(job.output_dir).rglob("*.dcm")}
-    assert any("SDIP" in d and "stability map" in d for d in descs), descs
+    files = list(Path(job.output_dir).rglob("*.dcm"))
+    classes = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPClassUID) for p in files}
+    assert "1.2.840.10008.5.1.4.1.1.30" in classes  # Parametric Map: the SDIP's stability map
+    assert len(files) > len(study.pet_files)
