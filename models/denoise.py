@@ -15,13 +15,15 @@ from typing import Iterable, Sequence
 import numpy as np
 
 # The fit's errors are re-exported: callers of the engine catch them from this one module.
-from dipnode.models.dip import DeviceUnavailableError, DipDivergedError, Progress, fit_conditional_dip
+from dipnode.models.dip import (DeviceUnavailableError, DipDivergedError, DipOutOfMemoryError, Progress,
+                                fit_conditional_dip)
 from dipnode.models.gaussian import gaussian_filter_fwhm
 from dipnode.models.guard import GuardParams, GuardResult, data_guard
 from dipnode.models.params import DipParams, Method
 from dipnode.models.stability import blend_weight, normalised_stability
 
-__all__ = ["DenoiseInputError", "DenoiseResult", "DeviceUnavailableError", "DipDivergedError", "denoise"]
+__all__ = ["DenoiseInputError", "DenoiseResult", "DeviceUnavailableError", "DipDivergedError",
+           "DipOutOfMemoryError", "denoise"]
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +111,8 @@ def denoise(pet: np.ndarray, mr: np.ndarray | None, spacing: Sequence[float], pa
     pet: 3-D OSEM PET (Bq/ml); mr: the MR on the PET grid, same shape (required for SDIP and
     CDIP, ignored but still checked if given for Gaussian); spacing: voxel size in mm, array
     order (recorded; the Gaussian FWHM is in voxels). Raises DenoiseInputError naming the
-    argument for bad inputs; DipDivergedError / DeviceUnavailableError from the fit.
+    argument for bad inputs; DipDivergedError / DeviceUnavailableError / DipOutOfMemoryError
+    from the fit.
     """
     t0 = time.perf_counter()
     if not isinstance(params, DipParams):

@@ -41,6 +41,9 @@ class Method(str, Enum):
         return self is not Method.GAUSSIAN
 
 
+PRECISIONS = ("fp32", "tf32", "bf16")
+
+
 @dataclass(frozen=True)
 class DipParams:
     """Parameters of the conditional DIP fit, the stability map and the blend.
@@ -64,6 +67,20 @@ class DipParams:
         (models/guard.py); method ``sdip`` only.
     average: method ``sdip`` blends the mean of the sampled outputs (the ones S is the std
         of) instead of the last one; ``sdip-paper`` and ``cdip`` always use the last.
+
+    Speed switches (models/dip.py; bench/cost.py and bench/gpu.sh measure them). They change
+    how the fit is computed, not the method; each is off by default until measured on a GPU:
+    precision: "fp32" (IEEE float32 everywhere, TF32 off on CUDA), "tf32" (CUDA: convolutions
+        and matmuls in TensorFloat-32; on CPU the same as fp32) or "bf16" (the network's forward
+        under bfloat16 autocast; the loss, the optimiser state and the stability accumulator
+        stay float32/float64, since L-BFGS's line search compares losses).
+    channels_last: the network's weights and input in channels-last-3d memory order.
+    compile: ``torch.compile`` the network (a one-time compilation per fit; the CPU fit is then
+        reproducible to rounding, not bit for bit: torch's deterministic mode is left off).
+    cudnn_benchmark: let cuDNN time its convolution algorithms for this shape (CUDA only).
+    memory_limit_mb: refuse the fit, before it starts, with ``torch.OutOfMemoryError`` when its
+        estimated peak memory (``dip.fit_memory_bytes``) exceeds this; 0: no limit (the device's
+        own allocator still fails when it is really full). Lets several jobs share a GPU.
     """
 
     epochs: int = 200
@@ -81,6 +98,11 @@ class DipParams:
     input_jitter: float = 0.0
     guard_fwe: float = 0.05
     average: bool = True
+    precision: str = "fp32"
+    channels_last: bool = False
+    compile: bool = False
+    cudnn_benchmark: bool = False
+    memory_limit_mb: int = 0
 
     def __post_init__(self) -> None:
         def bad(name: str, expected: str) -> ValueError:
@@ -118,6 +140,13 @@ class DipParams:
             raise bad("average", "true or false")
         if not self.input_jitter >= 0:
             raise bad("input_jitter", "a number >= 0")
+        if self.precision not in PRECISIONS:
+            raise bad("precision", f"one of {list(PRECISIONS)}")
+        for name in ("channels_last", "compile", "cudnn_benchmark"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, "true or false")
+        if not (isinstance(self.memory_limit_mb, int) and self.memory_limit_mb >= 0):
+            raise bad("memory_limit_mb", "an integer >= 0 (0: no limit)")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise bad("device", "'auto', 'cpu', 'cuda' or 'cuda:N'")
 
@@ -142,6 +171,13 @@ PRESETS: dict[str, DipParams] = {
     # Hashimoto et al. 2025: 200 L-BFGS epochs, stability from epoch 100 every 5th (21 samples),
     # alpha 0.6, U-Net 16/32/64/128 (+256 bottleneck).
     "paper": DipParams(),
+    # The paper's network at the schedule the fidelity benchmark validates (bench/FIDELITY.md,
+    # "papernet"): 12 epochs of 10 inner iterations, S over epochs 6-12 (7 samples). On the
+    # phantom the paper network fits the noise after ~15 such epochs, so the paper's 200 x 20
+    # is not better there; this is ~140 forward+backward passes against the paper preset's
+    # ~4,800 (bench/README.md, bench/cost.py): the GPU preset that can return a study in
+    # about a minute. Not the default until a GPU run measures it at full size.
+    "papernet": DipParams(epochs=12, max_iter=10, sample_from=6, sample_every=1),
     # Small and quick for CPU demos: the narrow, shallow network the quality test uses (it
     # fits the 4 mm phantom's structure before its noise), 30 epochs of 8 inner iterations,
     # stability over epochs 10-30 (21 samples, as many as the paper's). About 300 forward+

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import torch
 
 
 class StabilityError(ValueError):
@@ -60,6 +61,52 @@ class Welford:
                 f"Welford.std: expected more than ddof={ddof} samples, got {self._n}")
         # M2 can round to a tiny negative value; clip so sqrt never gives NaN.
         return np.sqrt(np.maximum(self._m2, 0.0) / (self._n - ddof))
+
+
+class TorchWelford:
+    """Welford's accumulator on a torch device: the fit's samples never leave the GPU.
+
+    The same update as ``Welford`` (float64 accumulators by default), so the stability map
+    costs no host copy per sample; ``mean`` and ``std`` come back as numpy arrays once, at the
+    end. ``isfinite`` is the one host synchronisation per sample (the divergence check).
+    """
+
+    def __init__(self, dtype: torch.dtype = torch.float64) -> None:
+        self._n = 0
+        self._dtype = dtype
+        self._mean: torch.Tensor | None = None
+        self._m2: torch.Tensor | None = None
+
+    @property
+    def count(self) -> int:
+        return self._n
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().to(self._dtype)
+        if self._mean is None or self._m2 is None:
+            self._mean = x.clone()
+            self._m2 = torch.zeros_like(x)
+        elif x.shape != self._mean.shape:
+            raise StabilityError(
+                f"TorchWelford.add: expected a tensor of shape {tuple(self._mean.shape)}, got {tuple(x.shape)}")
+        else:
+            delta = x - self._mean
+            self._mean += delta / (self._n + 1)
+            self._m2 += delta * (x - self._mean)
+        self._n += 1
+
+    @property
+    def mean(self) -> np.ndarray:
+        if self._mean is None:
+            raise StabilityError("TorchWelford.mean: expected at least 1 sample, got 0")
+        return self._mean.cpu().numpy().copy()
+
+    def std(self, ddof: int = 1) -> np.ndarray:
+        """Voxel-wise standard deviation with ``ddof``, as ``Welford.std``."""
+        if self._m2 is None or self._n - ddof <= 0:
+            raise StabilityError(
+                f"TorchWelford.std: expected more than ddof={ddof} samples, got {self._n}")
+        return torch.sqrt(torch.clamp(self._m2, min=0.0) / (self._n - ddof)).cpu().numpy()
 
 
 def normalised_stability(stability: np.ndarray, alpha: float) -> np.ndarray:

@@ -259,6 +259,13 @@ class MethodSettings(_Section):
     fwhm_voxels: float | None = None
     seed: int | None = None
     device: str | None = None
+    # The L-BFGS schedule and the fit's speed switches (models/params.py DipParams).
+    max_iter: int | None = None
+    history_size: int | None = None
+    precision: str | None = None
+    channels_last: bool | None = None
+    compile: bool | None = None
+    cudnn_benchmark: bool | None = None
 
     @field_validator("preset")
     @classmethod
@@ -281,7 +288,9 @@ class MethodSettings(_Section):
         """The preset with this section's overrides, by models.params.resolve_params (the
         rules: epochs moves m to epochs // 2 unless sample_from is set; cdip forces alpha 0)."""
         overrides = {k: getattr(self, k) for k in
-                     ("alpha", "epochs", "sample_from", "sample_every", "fwhm_voxels", "seed", "device")}
+                     ("alpha", "epochs", "sample_from", "sample_every", "fwhm_voxels", "seed", "device",
+                       "max_iter", "history_size", "precision", "channels_last", "compile",
+                       "cudnn_benchmark")}
         return resolve_params(preset_name=self.preset, overrides=overrides, method=self.name)
 
 
@@ -364,6 +373,13 @@ class SenderSettings(_Section):
 class WorkersSettings(_Section):
     max_concurrent_jobs: int = Field(1, ge=1)  # one job per GPU at a time
     device: str = "auto"  # used when [method] device is unset
+    # Each job's fit refuses to start when its estimated peak memory exceeds this (MiB; 0: no
+    # limit beyond the device's own): with several jobs per GPU, about the GPU's memory over
+    # max_concurrent_jobs.
+    memory_limit_mb: int = Field(0, ge=0)
+    # A fit out of memory (the device's allocator, or memory_limit_mb): "fail" the job with
+    # the reason, run it again on the "cpu", or fall back to the "gaussian" filter.
+    on_oom: Literal["fail", "cpu", "gaussian"] = "fail"
 
     @field_validator("device")
     @classmethod
@@ -428,7 +444,7 @@ class Settings(BaseSettings):
 
     def dip_params(self) -> DipParams:
         """The method's parameters; the device falls back to [workers] device."""
-        params = self.method.dip_params()
+        params = self.method.dip_params().replace(memory_limit_mb=self.workers.memory_limit_mb)
         return params if self.method.device is not None else params.replace(device=self.workers.device)
 
 

@@ -80,8 +80,8 @@ def _add_method_args(p: argparse.ArgumentParser, *, defaults: str) -> None:
                         "paper's method exactly), cdip (plain conditional DIP) or gaussian "
                         "(OSEM + Gaussian)")
     g.add_argument("--preset", default=None,
-                   help="paper (the paper's settings: a GPU job), fast (what the README measured on "
-                        "a CPU) or tiny (tests)")
+                   help="paper (the paper's settings: a GPU job), papernet (the paper's network at 12 "
+                        "epochs x 10: a GPU job), fast (what the README measured on a CPU) or tiny (tests)")
     g.add_argument("--alpha", type=_finite_float, default=None, metavar="A",
                    help="blend strength: 0 is plain conditional DIP (paper 0.6)")
     g.add_argument("--epochs", type=int, default=None, metavar="N",

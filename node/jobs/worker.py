@@ -12,6 +12,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from dipnode.models.denoise import DipOutOfMemoryError
+from dipnode.models.params import DipParams, Method
 from dipnode.node.jobs import pipeline
 from dipnode.node.jobs.executor import ExecutorBusy, LocalExecutor
 from dipnode.node.jobs.rows import JobRow, JobState, Move, SeriesRow, SeriesState
@@ -170,6 +172,7 @@ class Worker:
         out_dir = self.outputs / f"job-{job.id}"
         shutil.rmtree(out_dir, ignore_errors=True)  # a resumed job starts its outputs afresh
         last = [0.0]
+        method, params, fallback = job.method, job.params, None
 
         def progress(epoch: int, epochs: int, loss: float) -> None:
             if self._stopping.is_set():
@@ -185,8 +188,14 @@ class Worker:
             pet_paths = self.store.series_instances(job.pet_series_uid)
             mr_paths = self.store.series_instances(job.mr_series_uid) if job.mr_series_uid else None
             log.info("job %d running: %s on PET %s", job.id, job.method.value, job.pet_series_uid)
-            self._run(pet_paths, mr_paths, out_dir, method=job.method, params=job.params,
-                      options=options, progress=progress)
+            try:
+                self._run(pet_paths, mr_paths, out_dir, method=method, params=params,
+                          options=options, progress=progress)
+            except DipOutOfMemoryError as oom:
+                method, params, fallback = self._after_oom(job.id, oom, method, params)
+                shutil.rmtree(out_dir, ignore_errors=True)
+                self._run(pet_paths, mr_paths, out_dir, method=method, params=params,
+                          options=options, progress=progress)
         except Stopping:
             log.info("job %d interrupted by the stop; it resumes at the next start", job.id)
             return
@@ -207,5 +216,26 @@ class Worker:
         if self._stopping.is_set():  # stopping: leave it RUNNING, the next start resumes it
             return
         now = time.time()
-        self.store.transition(job.id, JobState.SENDING, now, progress=1.0, output_dir=str(out_dir))
+        self.store.transition(job.id, JobState.SENDING, now, progress=1.0, output_dir=str(out_dir),
+                              reason=fallback, method=method if fallback else None,
+                              params=params if fallback else None)
         self._hand_over(job.id, str(out_dir), now)
+
+    def _after_oom(self, job_id: int, oom: DipOutOfMemoryError, method: Method,
+                   params: DipParams) -> tuple[Method, DipParams, str]:
+        """[workers] on_oom: re-raise ("fail": the job fails with the reason), or the method and
+        parameters to run the job again with, and the note its record keeps."""
+        policy = self.settings.workers.on_oom
+        if policy == "fail":
+            raise oom
+        if policy == "cpu":
+            # No memory limit on the host; the rest of the method is unchanged (same seed and
+            # schedule), so the result is the one the device would have given, only slower.
+            params = params.replace(device="cpu", memory_limit_mb=0)
+            instead = "ran on the CPU instead (on_oom = cpu)"
+        else:
+            method = Method.GAUSSIAN
+            instead = "OSEM + Gaussian instead (on_oom = gaussian)"
+        # The outcome first: the log shortens long values, and the error is the long part.
+        log.warning("job %d out of memory: %s; %s", job_id, instead, oom)
+        return method, params, f"{oom}; {instead}"[:2000]
