@@ -9,6 +9,7 @@ before it touches either; a second process on the same spool or database stops a
 """
 from __future__ import annotations
 
+import functools
 import logging
 import shutil
 import signal
@@ -27,7 +28,7 @@ from dipnode.dicom_io.scu import send_files
 from dipnode.dicom_io.status import Status, StoreRefused
 from dipnode.node import pipeline, wire
 from dipnode.node.completion import check_indexable, complete_due, instance_record
-from dipnode.node.executor import ExecutorBusy, LocalExecutor
+from dipnode.node.executor import ClusterUnavailable, ExecutorBusy, executor_for
 from dipnode.node.lock import WriterLock
 from dipnode.node.matching import DecisionKind, MatchRules, decide, ineligible_reason
 from dipnode.node.retrieval import Retriever
@@ -70,7 +71,7 @@ class Node:
         self._uid_locks = [threading.Lock() for _ in range(64)]
         self.quarantined_at_start = 0
         self.outputs = Path(settings.storage.spool_dir) / "outputs"
-        self.executor = LocalExecutor(settings.workers.max_concurrent_jobs)
+        self.executor = executor_for(settings.workers)  # threads here, or a Ray cluster
         self._stop = threading.Event()
         self._receiver = None
         self._scheduler: threading.Thread | None = None
@@ -387,9 +388,21 @@ class Node:
             log.info("job %d running: %s on PET %s", job.id, method.value, job.pet_series_uid)
             result = pipeline.run(pet_paths, mr_paths, out_dir, method=method, params=params,
                                   options=options, progress=progress,
-                                  snapshot_epochs=self._snapshot_epochs)
+                                  snapshot_epochs=self._snapshot_epochs,
+                                  compute=functools.partial(self.executor.compute, job.id))
         except Stopping:
             log.info("job %d interrupted by the stop; it resumes at the next start", job.id)
+            return
+        except ClusterUnavailable as exc:
+            if self._stop.is_set():
+                return
+            if exc.requeue:  # [workers] ray_unreachable = "wait": back in the queue, run later
+                # (the reason keeps the MR choice; the log says why it waits)
+                self.store.transition(job.id, JobState.QUEUED, time.time(), progress=0.0)
+                log.warning("job %d back in the queue: %s", job.id, exc.reason)
+            else:
+                self.store.transition(job.id, JobState.FAILED, time.time(), reason=exc.reason[:2000])
+                log.error("job %d failed: %s", job.id, exc.reason)
             return
         except pipeline.MrUnusableError as exc:
             if self._stop.is_set():

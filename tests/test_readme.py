@@ -53,13 +53,23 @@ def test_install_line_is_what_ci_the_image_and_pyproject_use() -> None:
                     f"{TORCH_CPU} && pip install -e . && dipnode demo"]
     ci = (ROOT / ".ci" / "run").read_text()
     assert f"python -m pip install -q {TORCH_CPU}\n" in ci
-    assert 'python -m pip install -q -e ".[test]"\n' in ci
+    assert 'python -m pip install -q -e ".[test,ray]"\n' in ci
     # The GPU host's line: the same version, PyPI's (CUDA) build.
     gpu = [c for c in indented_commands() if "pip install torch==2.13.0 &&" in c]
     assert gpu == ["python3 -m venv .venv && . .venv/bin/activate && pip install torch==2.13.0 && pip install -e ."]
     assert "RUN pip install --no-cache-dir torch==2.13.0\n" in (ROOT / "deploy" / "Dockerfile").read_text()
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     assert [d for d in deps if d.startswith("torch")] == ["torch==2.13.0"]
+
+
+def test_the_ray_extra_pins_one_ray_and_brings_no_torch() -> None:
+    # Ray wants one Ray version across the node and the cluster; the extra must not move torch.
+    from importlib.metadata import requires, version
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert extras["ray"] == ["ray[client]>=2.60.0,<2.61"]
+    assert version("ray").startswith("2.60.")
+    assert not [r for r in requires("ray") or [] if r.split()[0].lower().startswith("torch")]
 
 
 def test_the_tested_torch_is_the_pinned_one() -> None:
