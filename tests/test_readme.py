@@ -156,7 +156,7 @@ def test_container_commands_as_the_compose_file_documents_them() -> None:
 # -- settings examples ----------------------------------------------------------------------
 def test_every_toml_example_loads(tmp_path: Path) -> None:
     blocks = fenced("toml")
-    assert len(blocks) == 3  # query/retrieve sources, listening, TLS
+    assert len(blocks) == 4  # query/retrieve sources, listening, TLS, Ray
     loaded = []
     for i, block in enumerate(blocks):
         data = tomllib.loads(block)
@@ -168,10 +168,11 @@ def test_every_toml_example_loads(tmp_path: Path) -> None:
                      else '[node]\nallowed_calling_aets = ["PACS"]\n\n' + block)
         path.write_text(block)
         loaded.append(load_settings(path))
-    sources, listening, tls = loaded
+    sources, listening, tls, ray = loaded
     assert sources.sources[0].retrieve == "move" and sources.retrieve.retries == 3
     assert listening.node.host == "0.0.0.0" and listening.node.allowed_calling_aets == ["ORTHANC", "PETMR1"]
     assert tls.node.tls_enabled and tls.node.tls_require_client_cert and tls.sender.tls
+    assert (ray.workers.executor, ray.workers.ray_address, ray.workers.ray_unreachable) == ("ray", "ray-head:6379", "wait")
 
 
 # -- database backup and restore, on a running node, as written ------------------------------
