@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 
 #: Seconds between progress reports of one task (and between the bridge's polls of them).
 REPORT_EVERY_S = 0.5
+#: Seconds between the bridge's checks that the head's GCS port still answers.
+GCS_PROBE_EVERY_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -141,9 +143,18 @@ def main(conn: Connection, config: BridgeConfig) -> None:
                                     if k in ("CPU", "GPU", config.gpu_resource))))
     inflight: dict[Any, int] = {}  # ObjectRef -> job id
     by_job: dict[int, Any] = {}
-    last_poll = 0.0
+    last_poll = last_probe = 0.0
     try:
         while True:
+            if time.monotonic() - last_probe >= GCS_PROBE_EVERY_S:
+                # Ray's own calls may wait a long time for a head that has gone (its GCS
+                # reconnection timeout): a closed port is a clear answer now.
+                last_probe = time.monotonic()
+                try:
+                    _probe(config.address, config.connect_timeout_s)
+                except OSError as exc:
+                    conn.send(("failed", f"the Ray head at {config.address} stopped answering ({exc})"))
+                    break
             if conn.poll(0.1 if inflight else 0.5):
                 msg = conn.recv()  # EOFError: the node is gone; its jobs end with this driver
                 if msg[0] == "stop":
@@ -181,7 +192,12 @@ def main(conn: Connection, config: BridgeConfig) -> None:
                 for job_id, info in ray.get(board.take.remote(), timeout=30).items():
                     if job_id in by_job:
                         conn.send(("progress", job_id, info))
-    except (EOFError, OSError, BrokenPipeError):
+    except (EOFError, BrokenPipeError):
         pass  # the node went away: leaving ends its tasks with this driver
+    except Exception as exc:  # noqa: BLE001 - the cluster failed under us: say so, then end
+        try:
+            conn.send(("failed", f"the Ray cluster at {config.address} failed: {type(exc).__name__}: {exc}"))
+        except OSError:
+            pass
     finally:
         ray.shutdown()

@@ -59,8 +59,21 @@ class RayNode:
     def __init__(self, args: list[str], log: Path) -> None:
         self.log_path = log
         self._log = open(log, "ab")
+        self._offset = self._log.tell()  # a restart appends to the same log: read what is new
         self.proc = subprocess.Popen([str(RAY_BIN), "start", "--block", *args], stdout=self._log,
                                      stderr=subprocess.STDOUT, env=_env(), start_new_session=True)
+
+    def started(self, timeout_s: float = 120.0) -> bool:
+        """Whether `ray start` says the node runs (False: it exited, e.g. Ray's fixed 30 s
+        wait for a raylet to register ran out on a busy machine)."""
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end:
+            if b"Ray runtime started" in self.log_path.read_bytes()[self._offset:]:
+                return True
+            if self.proc.poll() is not None:
+                return False
+            time.sleep(0.5)
+        return False
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         """Signal the whole node (its `ray start`, raylet, workers: one process group)."""
@@ -101,18 +114,25 @@ class RayCluster:
                 f"--resources={resources}", "--disable-usage-stats",
                 f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}"]
 
+    def _start(self, args: list[str], name: str, tries: int = 3) -> RayNode:
+        """One node, started again (up to ``tries`` times) when `ray start` gives up."""
+        for attempt in range(tries):
+            node = RayNode(args, self.workdir / f"{name}.log")
+            if node.started():
+                self.nodes.append(node)
+                return node
+            node.stop()
+        raise RuntimeError(f"Ray {name} did not start in {tries} tries; see {self.workdir / f'{name}.log'}")
+
     def start_head(self, *, cpus: int = 1, gpus: float = 0) -> RayNode:
-        node = RayNode(["--head", f"--port={self.port}", "--include-dashboard=false",
-                        f"--ray-client-server-port={free_port()}", f"--temp-dir={self.temp_dir}",
-                        *self._common(cpus, gpus)], self.workdir / "ray-head.log")
-        self.nodes.append(node)
-        return node
+        return self._start(["--head", f"--port={self.port}", "--include-dashboard=false",
+                            f"--ray-client-server-port={free_port()}", f"--temp-dir={self.temp_dir}",
+                            *self._common(cpus, gpus)], "ray-head")
 
     def add_worker(self, *, cpus: int = 1, gpus: float = 1) -> RayNode:
-        node = RayNode([f"--address={self.address}", *self._common(cpus, gpus)],
-                       self.workdir / f"ray-worker-{len(self.nodes)}.log")
-        self.nodes.append(node)
-        return node
+        """A worker node, started once the previous one runs (one at a time: a busy machine)."""
+        return self._start([f"--address={self.address}", *self._common(cpus, gpus)],
+                           f"ray-worker-{len(self.nodes)}")
 
     def wait_for(self, *, nodes: int, gpus: float, timeout_s: float = 120.0) -> None:
         """Return once ``nodes`` nodes are alive with ``gpus`` of the stand-in resource in all."""

@@ -197,6 +197,47 @@ def test_cluster_unreachable_fails_or_waits_and_the_node_keeps_receiving(tmp_pat
         node.stop()
 
 
+@pytest.mark.network
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_cluster_lost_mid_job_waits_then_runs_when_it_is_back(tmp_path, cluster, study):
+    # Last of the module's cluster tests: it kills the cluster and starts a new one.
+    with OrthancPeer(tmp_path / "orthanc") as orthanc:
+        port = free_port()
+        cfg = node_settings(tmp_path, port=port, method=FIT, workers=ray_workers(cluster.address, ray_unreachable="wait",
+                                                                                 ray_connect_timeout_s=5.0),
+                            destinations=[{"ae_title": orthanc.aet, "host": LOOPBACK, "port": orthanc.dicom_port}])
+        node = Node(load_settings(cfg))
+        node.start()
+        try:
+            _push(list(study.pet_files) + list(study.mr_files), node.port)
+            wait_for(lambda: [j for j in node.store.jobs() if j.state is JobState.RUNNING and j.progress > 0],
+                     240, "the job fitting on the cluster")
+            job = node.store.jobs()[0]
+            for ray_node in cluster.nodes:  # the whole cluster goes, head first
+                ray_node.kill()
+            wait_for(lambda: node.store.job(job.id).state is JobState.QUEUED, 60, "the job back in the queue")
+            assert "stopped answering" in node.executor.reason or "driver process ended" in node.executor.reason
+            # The node keeps receiving while the cluster is away.
+            assert run_echoscu(node.port, called="DIPNODE").returncode == 0
+            _push(tiny_pet_files(tmp_path / "meanwhile", n=3), node.port)
+            time.sleep(3)
+            assert node.store.job(job.id).state is JobState.QUEUED and node.executor.free_slots() == 0
+            cluster.stop()  # what the kill left, then a new cluster on the same address
+            cluster.start_head(cpus=1, gpus=0)
+            cluster.add_worker(cpus=1, gpus=1)
+            cluster.wait_for(nodes=2, gpus=1)
+            wait_for(lambda: node.store.job(job.id).state in (JobState.DONE, JobState.FAILED), 300,
+                     "the job finished on the new cluster")
+            assert node.store.job(job.id).state is JobState.DONE, node.store.job(job.id).reason
+            assert node.store.job(job.id).attempts == 2
+            wait_for(lambda: _results(orthanc, study) == _one_set(study), 60, "results in Orthanc")
+            time.sleep(2)
+            assert _results(orthanc, study) == _one_set(study)
+        finally:
+            node.stop()
+
+
 def test_ray_settings_are_checked(tmp_path):
     base = {"node": {"allowed_calling_aets": ["PACS"]}}
     with pytest.raises(SettingsError, match=r"workers.ray_address: expected the Ray head's 'host:port' with "
