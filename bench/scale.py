@@ -132,10 +132,10 @@ def node_part(work: Path, pet_files: Sequence[Path], studies: int) -> dict[str, 
     batches = copies(pet_files, work / "copies", studies)
     with StorescpPeer(work / "pacs") as pacs:
         port = free_port()
+        (work / "node").mkdir(parents=True, exist_ok=True)
         cfg = node_settings(work / "node", port=port, method={"name": "gaussian"},
                             series={"stable_age_s": 2.0, "check_interval_s": 0.2},
                             destinations=[{"ae_title": pacs.aet, "host": LOOPBACK, "port": pacs.port}])
-        (work / "node").mkdir(exist_ok=True)
         node = Node(load_settings(cfg))
         node.start()
         try:
@@ -167,7 +167,7 @@ def node_part(work: Path, pet_files: Sequence[Path], studies: int) -> dict[str, 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--studies", type=int, default=4, help="timed jobs per cluster size")
-    p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--workers", type=int, nargs="*", default=[1, 2], help="cluster sizes; none: skip part 1")
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     p.add_argument("--epochs", type=int, default=None, help="override the preset's epochs")
     p.add_argument("--node-studies", type=int, default=10, help="studies for the node-only part; 0 skips it")
