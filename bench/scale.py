@@ -42,7 +42,7 @@ from dipnode.node.jobs.compute import ComputeRequest  # noqa: E402
 from dipnode.node.jobs.ray_bridge import BridgeConfig  # noqa: E402
 from dipnode.node.jobs.ray_executor import RayExecutor  # noqa: E402
 from dipnode.node.jobs.rows import JobState  # noqa: E402
-from dipnode.node.pipeline import load_single_series  # noqa: E402
+from dipnode.node.jobs.pipeline import load_single_series  # noqa: E402
 from dipnode.node.server import Node  # noqa: E402
 from dipnode.node.settings import load_settings  # noqa: E402
 from dipnode.sim.study import write_phantom_study  # noqa: E402

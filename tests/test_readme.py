@@ -23,7 +23,7 @@ from pydicom.uid import UID
 from dipnode.dicom_io.scp import DEFAULT_SOP_CLASSES, DEFAULT_TRANSFER_SYNTAXES, VERIFICATION, ReceiverConfig
 from dipnode.dicom_io.scu import PARAMETRIC_MAP_STORAGE
 from dipnode.models.params import PRESETS
-from dipnode.node.cli import build_parser
+from dipnode.node.cli.main import build_parser
 from dipnode.node.settings import NodeSettings, Settings, StorageSettings, load_settings
 
 ROOT = Path(__file__).resolve().parents[1]

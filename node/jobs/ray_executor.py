@@ -28,7 +28,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from dipnode.node.executor import ClusterUnavailable, ExecutorClosed, LocalExecutor
+from dipnode.node.jobs.executor import ClusterUnavailable, ExecutorClosed, LocalExecutor
 from dipnode.node.jobs.compute import ComputeRequest, ComputeResult, Progress
 from dipnode.node.jobs.ray_bridge import BridgeConfig, main as bridge_main
 

@@ -115,7 +115,7 @@ def test_worker_killed_mid_fit_runs_again_and_the_pacs_gets_one_set(tmp_path, cl
             wait_for(lambda: [j for j in node.store.jobs() if j.state is JobState.RUNNING and j.progress > 0],
                      240, "the job fitting on the cluster")
             job = node.store.jobs()[0]
-            first = node.executor.attempts(job.id)
+            first = node.worker.executor.attempts(job.id)
             assert len(first) == 1 and "Ray node" in first[0], first
             pid = int(first[0].split()[1])
             os.kill(pid, signal.SIGKILL)  # the worker process dies in the middle of the fit
@@ -123,7 +123,7 @@ def test_worker_killed_mid_fit_runs_again_and_the_pacs_gets_one_set(tmp_path, cl
                      "the job finished after its worker was killed")
             done = node.store.job(job.id)
             assert done.state is JobState.DONE, done.reason
-            attempts = node.executor.attempts(job.id)
+            attempts = node.worker.executor.attempts(job.id)
             assert len(attempts) == 2 and attempts[0] == first[0] and f"pid {pid} " not in attempts[1], attempts
             wait_for(lambda: _results(orthanc, study) == _one_set(study), 60, "results in Orthanc")
             time.sleep(2)  # nothing more arrives: one set, not two
@@ -188,7 +188,7 @@ def test_cluster_unreachable_fails_or_waits_and_the_node_keeps_receiving(tmp_pat
             time.sleep(6)  # three connection attempts at least: the job waits, never claimed
             job = node.store.jobs()[0]
             assert job.state is JobState.QUEUED and job.attempts == 0, job
-            assert node.executor.free_slots() == 0 and "no answer from the Ray head" in node.executor.reason
+            assert node.worker.executor.free_slots() == 0 and "no answer from the Ray head" in node.worker.executor.reason
         # Receiving never depends on the cluster.
         assert run_echoscu(node.port, called="DIPNODE").returncode == 0
         _push(tiny_pet_files(tmp_path / "b", n=3), node.port)
@@ -217,12 +217,12 @@ def test_cluster_lost_mid_job_waits_then_runs_when_it_is_back(tmp_path, cluster,
             for ray_node in cluster.nodes:  # the whole cluster goes, head first
                 ray_node.kill()
             wait_for(lambda: node.store.job(job.id).state is JobState.QUEUED, 60, "the job back in the queue")
-            assert "stopped answering" in node.executor.reason or "driver process ended" in node.executor.reason
+            assert "stopped answering" in node.worker.executor.reason or "driver process ended" in node.worker.executor.reason
             # The node keeps receiving while the cluster is away.
             assert run_echoscu(node.port, called="DIPNODE").returncode == 0
             _push(tiny_pet_files(tmp_path / "meanwhile", n=3), node.port)
             time.sleep(3)
-            assert node.store.job(job.id).state is JobState.QUEUED and node.executor.free_slots() == 0
+            assert node.store.job(job.id).state is JobState.QUEUED and node.worker.executor.free_slots() == 0
             cluster.stop()  # what the kill left, then a new cluster on the same address
             cluster.start_head(cpus=1, gpus=0)
             cluster.add_worker(cpus=1, gpus=1)

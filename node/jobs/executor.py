@@ -15,16 +15,13 @@ import logging
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 from dipnode.node.jobs.compute import ComputeRequest, ComputeResult, Progress, compute_local
 
-if TYPE_CHECKING:
-    from dipnode.node.settings import WorkersSettings
-
 log = logging.getLogger(__name__)
 
-__all__ = ["ClusterUnavailable", "Executor", "ExecutorBusy", "ExecutorClosed", "LocalExecutor", "executor_for"]
+__all__ = ["ClusterUnavailable", "Executor", "ExecutorBusy", "ExecutorClosed", "LocalExecutor"]
 
 
 class ExecutorBusy(ValueError):
@@ -133,11 +130,3 @@ class LocalExecutor:
     def __exit__(self, *exc: object) -> None:
         self.shutdown(wait=True)
 
-
-def executor_for(workers: "WorkersSettings") -> Executor:
-    """The executor ``[workers] executor`` names: "local" (threads here) or "ray" (a cluster)."""
-    if workers.executor == "ray":
-        from dipnode.node.jobs.ray_executor import RayExecutor
-
-        return RayExecutor.from_settings(workers)
-    return LocalExecutor(workers.max_concurrent_jobs)

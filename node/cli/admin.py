@@ -43,7 +43,7 @@ def jobs_table(store: Store, *, include_done: bool = False) -> str:
 
 def quarantine_line(spool_dir: Path) -> str | None:
     """"quarantined: N files in DIR" when start-up moved spool files it could not index there
-    (node/server.py index_orphans); None when there are none."""
+    (node/ingest/receiver.py index_orphans); None when there are none."""
     folder = Path(spool_dir) / "quarantine"
     n = sum(1 for p in folder.iterdir() if p.is_file()) if folder.is_dir() else 0
     if not n:

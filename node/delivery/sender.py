@@ -1,0 +1,86 @@
+"""Delivery: a finished job's results go to every destination, each instance's status checked,
+with exponential backoff up to [sender] retries, then a dead letter that `dipnode resend`
+clears; a job's results are deleted once every destination has them (docs/DESIGN.md "The
+durability contract")."""
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+from dipnode.dicom_io.scu import Destination as Peer
+from dipnode.dicom_io.scu import send_files
+from dipnode.node.jobs.rows import JobState
+from dipnode.node.jobs.store import Store
+from dipnode.node.settings import Settings
+from dipnode.node.wire import Route, sender_tls
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Delivery"]
+
+
+class Delivery:
+    """Hands SENDING jobs their deliveries and works through the due ones (``deliver``).
+
+    routes: every configured destination by its label (node.wire.destination_routes, built
+    once at start).
+    """
+
+    def __init__(self, settings: Settings, store: Store, routes: Mapping[str, Route],
+                 stopping: threading.Event) -> None:
+        self.settings = settings
+        self.store = store
+        self.routes = dict(routes)
+        self._stopping = stopping
+
+    def hand_over(self, job_id: int, out_dir: str, now: float) -> None:
+        """A SENDING job gets one pending delivery per destination, or is DONE without any."""
+        if self.routes:
+            self.store.add_deliveries(job_id, list(self.routes), now)
+        else:
+            self.store.transition(job_id, JobState.DONE, now, reason="no destinations configured; "
+                                  f"results kept in {out_dir}")
+
+    def _route(self, label: str) -> Route:
+        route = self.routes.get(label)
+        if route is None:
+            # A delivery stored for a destination the settings no longer list (edited between
+            # two starts) still goes where it was promised, by its label, over TLS when
+            # [sender] tls says so; its route is made once.
+            log.warning("delivery to %s: not in [[destinations]] any more; sending by its label", label)
+            route = Route(Peer.parse(label), sender_tls(self.settings) if self.settings.sender.tls else None)
+            self.routes[label] = route
+        return route
+
+    def deliver(self, now: float) -> None:
+        """One pass over the due deliveries: send, record, schedule a retry or settle."""
+        s = self.settings.sender
+        for d in self.store.due_deliveries(now):
+            if self._stopping.is_set():
+                return
+            job = self.store.job(d.job_id)
+            files = sorted(Path(job.output_dir).rglob("*.dcm")) if job.output_dir else []
+            if not files:
+                self.store.delivery_result(d.job_id, d.destination, now, ok=False,
+                                           error="results missing on disk", next_attempt_at=None)
+                continue
+            route = self._route(d.destination)
+            report = send_files(files, route.peer, calling_ae=self.settings.calling_ae,
+                                timeout_s=s.timeout_s, tls=route.tls)
+            ok = report.all_ok
+            error = None if ok else (report.error or f"{report.n_failed} instances refused")
+            attempts = d.attempts + 1
+            retry_at = None
+            if not ok and attempts <= s.retries:
+                retry_at = time.time() + min(s.backoff_s * 2 ** (attempts - 1), s.backoff_max_s)
+            row = self.store.delivery_result(d.job_id, d.destination, time.time(), ok=ok,
+                                             error=error, next_attempt_at=retry_at)
+            log.info("job %d -> %s: %s%s", d.job_id, d.destination,
+                     "delivered" if ok else f"failed ({error})",
+                     "" if ok or retry_at else ", gave up (dead letter)")
+            if row.state is JobState.DONE and row.output_dir:
+                shutil.rmtree(row.output_dir, ignore_errors=True)  # every destination has it
