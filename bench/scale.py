@@ -170,6 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--workers", type=int, nargs="*", default=[1, 2], help="cluster sizes; none: skip part 1")
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     p.add_argument("--epochs", type=int, default=None, help="override the preset's epochs")
+    p.add_argument("--device", default="cpu", help="where the workers fit (cpu, cuda): on a GPU host")
     p.add_argument("--node-studies", type=int, default=10, help="studies for the node-only part; 0 skips it")
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args(argv)
@@ -178,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     load_before = os.getloadavg()
     study = write_phantom_study(a.out / "study", voxel_mm=4.0, dose_fraction=0.1)
     pet, mr = load_single_series(study.pet_files, "PT"), load_single_series(study.mr_files, "MR")
-    params = PRESETS[a.preset].replace(device="cpu")
+    params = PRESETS[a.preset].replace(device=a.device)
     if a.epochs:
         params = params.replace(epochs=a.epochs, sample_from=a.epochs // 2)
     request = ComputeRequest(pet=pet.values, pet_affine=pet.geometry.affine,
