@@ -366,7 +366,7 @@ class WorkersSettings(_Section):
     # jobs in flight on the cluster (about its number of GPU workers; Ray queues the rest).
     max_concurrent_jobs: int = Field(1, ge=1)
     device: str = "auto"  # used when [method] device is unset
-    # Where a job's alignment and fit run (node/executor.py): "local", threads of this process;
+    # Where a job's alignment and fit run (node/jobs/executor.py): "local", threads of this process;
     # "ray", tasks on a Ray cluster (pip install 'dipnode[ray]'). Reading series, the database
     # and writing and sending DICOM stay in the node either way.
     executor: Literal["local", "ray"] = "local"

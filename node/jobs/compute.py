@@ -1,7 +1,7 @@
 """The part of a job that needs the GPU: arrays in, arrays out, no files, no DICOM, no database.
 
 MR -> PET alignment, then the method (SDIP: fit, stability map, blend). The node reads the
-series and writes the DICOM outputs itself (node/pipeline.py); what runs here may run in the
+series and writes the DICOM outputs itself (node/jobs/pipeline.py); what runs here may run in the
 node's own thread (the local executor) or on a Ray worker on another machine
 (node/jobs/ray_bridge.py), so the request and the result are plain picklable values.
 """
