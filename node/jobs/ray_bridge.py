@@ -29,6 +29,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from dipnode.node.jobs.compute import ComputeRequest, ComputeResult, compute_local, worker_name
+from dipnode.node.jobs.ray_board import ProgressBoard
 
 log = logging.getLogger(__name__)
 
@@ -51,31 +52,6 @@ class BridgeConfig:
 
 class WorkerLost(RuntimeError):
     """The job's worker died more often than the retries allow, or its Ray node went away."""
-
-
-class ProgressBoard:
-    """A Ray actor (no CPU) that tasks report to and the bridge polls: job -> latest report.
-
-    Each report carries the worker that made it; a new worker for a job counts one more
-    attempt, so the node learns that a job was started again after its worker died."""
-
-    def __init__(self) -> None:
-        self._latest: dict[int, dict[str, Any]] = {}
-        self._workers: dict[int, list[str]] = {}
-
-    def report(self, job_id: int, info: dict[str, Any]) -> None:
-        seen = self._workers.setdefault(job_id, [])
-        if info["worker"] not in seen:
-            seen.append(info["worker"])
-        self._latest[job_id] = {**info, "attempt": len(seen), "workers": list(seen)}
-
-    def take(self) -> dict[int, dict[str, Any]]:
-        out, self._latest = self._latest, {}
-        return out
-
-    def forget(self, job_id: int) -> None:
-        self._latest.pop(job_id, None)
-        self._workers.pop(job_id, None)
 
 
 def run_task(job_id: int, request: ComputeRequest, board: Any) -> ComputeResult:
@@ -125,7 +101,9 @@ def main(conn: Connection, config: BridgeConfig) -> None:
         ray.init(address=config.address, log_to_driver=False, logging_level=logging.WARNING,
                  configure_logging=False, **kwargs)
         board = ray.remote(num_cpus=0)(ProgressBoard).remote()
-        ray.get(board.take.remote(), timeout=config.connect_timeout_s)
+        # The actor's worker process starts now: seconds on a busy machine, whatever the
+        # connection timeout says about the network.
+        ray.get(board.take.remote(), timeout=max(60.0, config.connect_timeout_s))
     except Exception as exc:  # noqa: BLE001 - any failure to join is the reason we report
         conn.send(("failed", f"cannot join the Ray cluster at {config.address}: {type(exc).__name__}: {exc}"))
         return

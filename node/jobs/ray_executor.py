@@ -124,7 +124,7 @@ class RayExecutor:
 
     def _read(self, conn: Any, proc: Any) -> str:
         """Dispatch the driver's messages until it ends; return why it ended."""
-        deadline = time.monotonic() + self.config.connect_timeout_s + 30  # ray.init + the board
+        deadline = time.monotonic() + self.config.connect_timeout_s + 90  # + ray.init and the board actor
         while not self._closed.is_set():
             if self._state != "ready" and time.monotonic() > deadline:
                 return (f"no connection to the Ray head at {self.config.address} within "

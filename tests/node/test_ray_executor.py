@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from dipnode.models.params import PRESETS, Method
+from dipnode.node.jobs.pipeline import series_descriptions
 from dipnode.node.jobs.rows import JobState
 from dipnode.node.jobs.store import Store
 from dipnode.node.server import Node
@@ -78,9 +80,11 @@ def _results(orthanc: OrthancPeer, study: PhantomStudy) -> dict[str, int]:
 
 
 def _one_set(study: PhantomStudy) -> dict[str, int]:
+    """One job's series: the multi-frame maps are one instance, the others one per PET slice."""
     n = len(study.pet_files)
-    return {"dipnode PET SDIP a0.6 [RESEARCH]": n, "dipnode stability map [RESEARCH]": 1,
-            "dipnode stability map Bq/ml [RESEARCH]": n}
+    names = series_descriptions("dipnode", Method.SDIP, PRESETS["tiny"])
+    return {f"{names[role]} [RESEARCH]": (1 if role in ("map", "weight") else n)
+            for role in ("pet", "map", "map-plain", "weight", "weight-plain")}
 
 
 def _jobs(db: Path):
