@@ -371,7 +371,9 @@ class SenderSettings(_Section):
 
 
 class WorkersSettings(_Section):
-    max_concurrent_jobs: int = Field(1, ge=1)  # one job per GPU at a time
+    # Jobs computing at once: with the local executor one per GPU of this host; with "ray" the
+    # jobs in flight on the cluster (about its number of GPU workers; Ray queues the rest).
+    max_concurrent_jobs: int = Field(1, ge=1)
     device: str = "auto"  # used when [method] device is unset
     # Each job's fit refuses to start when its estimated peak memory exceeds this (MiB; 0: no
     # limit beyond the device's own): with several jobs per GPU, about the GPU's memory over
@@ -380,6 +382,52 @@ class WorkersSettings(_Section):
     # A fit out of memory (the device's allocator, or memory_limit_mb): "fail" the job with
     # the reason, run it again on the "cpu", or fall back to the "gaussian" filter.
     on_oom: Literal["fail", "cpu", "gaussian"] = "fail"
+    # Where a job's alignment and fit run (node/jobs/executor.py): "local", threads of this process;
+    # "ray", tasks on a Ray cluster (pip install 'dipnode[ray]'). Reading series, the database
+    # and writing and sending DICOM stay in the node either way.
+    executor: Literal["local", "ray"] = "local"
+    # The Ray head's GCS address "host:port" (its `ray start --head --port`); required for "ray".
+    # The node drives the cluster as a Ray driver, so this host must run a Ray node of the
+    # cluster (deploy/compose.yaml: a zero-resource `ray start` in the node's container).
+    ray_address: str | None = None
+    ray_node_ip: str | None = None  # this host's address in the cluster; None: Ray's guess
+    # What one job asks the cluster for: gpus_per_job of gpu_resource ("GPU": Ray's GPUs, set
+    # on each worker by `ray start --num-gpus`; any other name is a custom resource, e.g. a
+    # stand-in for GPUs in tests) and cpus_per_job CPUs.
+    gpus_per_job: float = Field(1.0, ge=0)
+    gpu_resource: str = Field("GPU", min_length=1, max_length=64)
+    cpus_per_job: float = Field(1.0, ge=0)
+    # A job whose worker died (process killed, machine lost) runs again this many times (Ray
+    # task retries); then it fails with that reason. Errors of the job itself are not retried.
+    ray_retries: int = Field(2, ge=0)
+    # The cluster unreachable (at start or lost mid-job): "wait" keeps jobs queued and
+    # reconnects every ray_connect_timeout_s; "fail" fails them with the reason. The node keeps
+    # receiving either way.
+    ray_unreachable: Literal["wait", "fail"] = "wait"
+    ray_connect_timeout_s: float = Field(30.0, gt=0)
+
+    @field_validator("ray_address")
+    @classmethod
+    def _ray_address(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        host, sep, port = v.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ValueError(f"expected the Ray head's GCS address as 'host:port', got {v!r}")
+        return v
+
+    @field_validator("gpu_resource")
+    @classmethod
+    def _resource(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_.:-]+", v) or v == "CPU":
+            raise ValueError(f"expected a Ray resource name ('GPU' or a custom name), got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _ray(self) -> "WorkersSettings":
+        if self.executor == "ray" and self.ray_address is None:
+            raise ValueError("ray_address: expected the Ray head's 'host:port' with executor = \"ray\", got None")
+        return self
 
     @field_validator("device")
     @classmethod

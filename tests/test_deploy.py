@@ -191,3 +191,34 @@ def test_every_package_is_installed_by_a_plain_pip_install() -> None:
     found = {"dipnode." + ".".join(p.parent.relative_to(root).parts)
              for top in ("node", "dicom_io", "models", "sim") for p in (root / top).rglob("__init__.py")}
     assert found == listed
+
+
+# -- the Ray cluster compose file ---------------------------------------------------------------
+def test_ray_compose_validates_and_its_node_drives_its_head(monkeypatch: pytest.MonkeyPatch) -> None:
+    r = subprocess.run(["docker-compose", "-f", str(DEPLOY / "compose.ray.yaml"), "config", "-q"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    services = yaml.safe_load((DEPLOY / "compose.ray.yaml").read_text())["services"]
+    assert set(services) == {"orthanc", "ray-head", "ray-worker", "dipnode"}
+    # One image with the ray extra for the node, the head and the workers (one Ray version).
+    for name in ("ray-head", "ray-worker", "dipnode"):
+        assert services[name]["build"]["args"] == {"DIPNODE_EXTRAS": "[ray]"}, name
+    assert 'RUN pip install --no-cache-dir ".${DIPNODE_EXTRAS}"' in (DEPLOY / "Dockerfile").read_text()
+    head_port = next(a.split("=")[1] for a in services["ray-head"]["command"] if a.startswith("--port="))
+    # The node's settings, as the container reads them: the compose file's environment over the
+    # mounted settings file.
+    node = services["dipnode"]
+    for key, value in node["environment"].items():
+        if key.startswith("DIPNODE_WORKERS__"):
+            monkeypatch.setenv(key, str(value))
+    s = load_settings(DEPLOY / "dipnode.compose.toml")
+    assert (s.workers.executor, s.workers.ray_address) == ("ray", f"ray-head:{head_port}")
+    assert s.workers.gpu_resource == "GPU" and s.workers.gpus_per_job == 1.0
+    # The GPU worker offers the GPU a job asks for, and one is reserved for it; the node's
+    # container joins the cluster with nothing to offer (a Ray driver runs on a Ray node).
+    worker = services["ray-worker"]
+    assert "--num-gpus=1" in worker["command"] and f"--address=ray-head:{head_port}" in worker["command"]
+    assert worker["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+    join = node["command"][-1]
+    assert f"ray start --address=ray-head:{head_port} --num-cpus=0 --num-gpus=0" in join
+    assert join.rstrip().endswith("exec dipnode serve")

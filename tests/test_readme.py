@@ -53,13 +53,23 @@ def test_install_line_is_what_ci_the_image_and_pyproject_use() -> None:
                     f"{TORCH_CPU} && pip install -e . && dipnode demo"]
     ci = (ROOT / ".ci" / "run").read_text()
     assert f"python -m pip install -q {TORCH_CPU}\n" in ci
-    assert 'python -m pip install -q -e ".[test]"\n' in ci
+    assert 'python -m pip install -q -e ".[test,ray]"\n' in ci
     # The GPU host's line: the same version, PyPI's (CUDA) build.
     gpu = [c for c in indented_commands() if "pip install torch==2.13.0 &&" in c]
     assert gpu == ["python3 -m venv .venv && . .venv/bin/activate && pip install torch==2.13.0 && pip install -e ."]
     assert "RUN pip install --no-cache-dir torch==2.13.0\n" in (ROOT / "deploy" / "Dockerfile").read_text()
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     assert [d for d in deps if d.startswith("torch")] == ["torch==2.13.0"]
+
+
+def test_the_ray_extra_pins_one_ray_and_brings_no_torch() -> None:
+    # Ray wants one Ray version across the node and the cluster; the extra must not move torch.
+    from importlib.metadata import requires, version
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert extras["ray"] == ["ray[client]>=2.60.0,<2.61"]
+    assert version("ray").startswith("2.60.")
+    assert not [r for r in requires("ray") or [] if r.split()[0].lower().startswith("torch")]
 
 
 def test_the_tested_torch_is_the_pinned_one() -> None:
@@ -146,7 +156,7 @@ def test_container_commands_as_the_compose_file_documents_them() -> None:
 # -- settings examples ----------------------------------------------------------------------
 def test_every_toml_example_loads(tmp_path: Path) -> None:
     blocks = fenced("toml")
-    assert len(blocks) == 3  # query/retrieve sources, listening, TLS
+    assert len(blocks) == 4  # query/retrieve sources, listening, TLS, Ray
     loaded = []
     for i, block in enumerate(blocks):
         data = tomllib.loads(block)
@@ -158,10 +168,11 @@ def test_every_toml_example_loads(tmp_path: Path) -> None:
                      else '[node]\nallowed_calling_aets = ["PACS"]\n\n' + block)
         path.write_text(block)
         loaded.append(load_settings(path))
-    sources, listening, tls = loaded
+    sources, listening, tls, ray = loaded
     assert sources.sources[0].retrieve == "move" and sources.retrieve.retries == 3
     assert listening.node.host == "0.0.0.0" and listening.node.allowed_calling_aets == ["ORTHANC", "PETMR1"]
     assert tls.node.tls_enabled and tls.node.tls_require_client_cert and tls.sender.tls
+    assert (ray.workers.executor, ray.workers.ray_address, ray.workers.ray_unreachable) == ("ray", "ray-head:6379", "wait")
 
 
 # -- database backup and restore, on a running node, as written ------------------------------

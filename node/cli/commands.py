@@ -100,15 +100,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
         WriterLock.for_node(settings.storage.spool_dir, settings.storage.database).release()
     except NodeLocked as exc:
         raise UserError(str(exc)) from None
-    try:
-        device = _check_node_device(settings)
-    except UserError as exc:
-        # The node still starts: what arrives is received and kept (a scanner's push must not
-        # fail because a GPU is missing); each job fails with this reason until the device is
-        # there, and `dipnode rerun` processes them again then.
-        log.error("%s; studies are received and kept, but every job fails until it is fixed "
-                  "(then `dipnode rerun JOB`)", exc)
+    if settings.workers.executor == "ray":
+        # Jobs compute on the cluster's workers: their devices matter, not this host's.
+        import importlib.util
+
+        if importlib.util.find_spec("ray") is None:
+            raise UserError('workers.executor = "ray": Ray is not installed; install the extra: '
+                            "pip install 'dipnode[ray]'")
         device = None
+    else:
+        try:
+            device = _check_node_device(settings)
+        except UserError as exc:
+            # The node still starts: what arrives is received and kept (a scanner's push must not
+            # fail because a GPU is missing); each job fails with this reason until the device is
+            # there, and `dipnode rerun` processes them again then.
+            log.error("%s; studies are received and kept, but every job fails until it is fixed "
+                      "(then `dipnode rerun JOB`)", exc)
+            device = None
     if settings.method.preset == "paper" and device == "cpu":
         log.warning('method preset "paper" on the CPU: one study takes days there (200 L-BFGS '
                     "epochs of the full U-Net, bench/README.md); run the node on a CUDA GPU, or set "

@@ -4,6 +4,10 @@ The worker loop claims a job in the store (QUEUED -> RUNNING) only when the exec
 free slot, then submits it; submit() refuses work beyond capacity instead of queueing it,
 so that a job marked RUNNING in the store is really running. The submitted function owns the
 job's state changes (SENDING, FAILED); the executor only runs it and logs what escapes it.
+
+The submitted function runs in a thread of the node; it hands the job's computation
+(alignment and fit, node/jobs/compute.py) to ``compute``: in this process for the
+LocalExecutor, on a Ray cluster for the RayExecutor (node/jobs/ray_executor.py).
 """
 from __future__ import annotations
 
@@ -13,9 +17,11 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Protocol, runtime_checkable
 
+from dipnode.node.jobs.compute import ComputeRequest, ComputeResult, Progress, compute_local
+
 log = logging.getLogger(__name__)
 
-__all__ = ["Executor", "ExecutorBusy", "ExecutorClosed", "LocalExecutor"]
+__all__ = ["ClusterUnavailable", "Executor", "ExecutorBusy", "ExecutorClosed", "LocalExecutor"]
 
 
 class ExecutorBusy(ValueError):
@@ -24,6 +30,17 @@ class ExecutorBusy(ValueError):
 
 class ExecutorClosed(ValueError):
     """submit() after shutdown()."""
+
+
+class ClusterUnavailable(RuntimeError):
+    """compute() could not run the job where it should (the Ray cluster is unreachable or was
+    lost mid-job). ``requeue``: put the job back in the queue (settings say wait) rather than
+    fail it; the message says why in words."""
+
+    def __init__(self, reason: str, *, requeue: bool) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.requeue = requeue
 
 
 @runtime_checkable
@@ -36,6 +53,11 @@ class Executor(Protocol):
 
     def running(self) -> list[int]:
         """Ids of jobs submitted and not yet finished."""
+        ...
+
+    def compute(self, job_id: int, request: ComputeRequest, progress: Progress | None = None) -> ComputeResult:
+        """Run ``job_id``'s alignment and fit (called from the job's own thread); the engine's
+        errors as raised, ClusterUnavailable where it cannot run at all."""
         ...
 
     def free_slots(self) -> int:
@@ -90,6 +112,9 @@ class LocalExecutor:
         with self._lock:
             return sorted(self._running)
 
+    def compute(self, job_id: int, request: ComputeRequest, progress: Progress | None = None) -> ComputeResult:
+        return compute_local(request, progress)
+
     def free_slots(self) -> int:
         with self._lock:
             return 0 if self._closed else self.max_concurrent - len(self._running)
@@ -104,3 +129,4 @@ class LocalExecutor:
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown(wait=True)
+

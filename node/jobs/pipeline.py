@@ -2,6 +2,10 @@
 
 read PET (+ MR) series -> align MR to the PET grid -> denoise -> encode DICOM outputs -> write.
 
+Alignment and denoising are the job's computation (node/jobs/compute.py): arrays in, arrays
+out, run in this thread or by the node's executor on a Ray worker; reading and writing DICOM
+stay here, in the node.
+
 Each stage hands the next a small immutable object; the stages themselves live in dicom_io/
 (files) and models/ (numerics). `dipnode denoise` and the node's worker both call `run`.
 """
@@ -27,6 +31,7 @@ from dipnode.models.align import AlignedMr, align_mr_to_pet
 from dipnode.models.denoise import DenoiseResult, denoise
 from dipnode.models.guard import GuardParams
 from dipnode.models.params import DipParams, Method
+from dipnode.node.jobs.compute import AlignmentFailed, Compute, ComputeRequest, compute_local
 from dipnode.node.settings import OutputSettings
 
 log = logging.getLogger(__name__)
@@ -111,6 +116,7 @@ class PipelineResult:
     pet: Volume = field(repr=False)
     mr_on_pet: np.ndarray | None = field(repr=False, default=None)
     weight_files: tuple[Path, ...] = ()
+    worker: str = ""  # where alignment and the fit ran (node/jobs/compute.py worker_name)
 
     @property
     def files(self) -> tuple[Path, ...]:
@@ -261,25 +267,43 @@ def encode_and_write(aligned: AlignedPair, result: DenoiseResult, pair: PetMrPai
 
 def run(pet_paths: Sequence[Path], mr_paths: Sequence[Path] | None, out_dir: Path, *,
         method: Method, params: DipParams, options: OutputOptions | None = None,
-        progress: Progress | None = None, snapshot_epochs: Sequence[int] = ()) -> PipelineResult:
-    """Denoise one PET series (with its MR for the DIP methods) and write the DICOM outputs."""
+        progress: Progress | None = None, snapshot_epochs: Sequence[int] = (),
+        compute: Compute | None = None) -> PipelineResult:
+    """Denoise one PET series (with its MR for the DIP methods) and write the DICOM outputs.
+
+    compute: where alignment and the method run (node/jobs/compute.py); None: in this thread.
+    The node passes its executor's (a Ray worker elsewhere); reading the series and writing the
+    outputs always happen here, so the node stays the only writer of DICOM."""
     if method.needs_mr and not mr_paths:
         raise PipelineError(f"method {method.value} needs an MR series; none was given")
     options = options if options is not None else OutputOptions.from_settings()
     pet = load_single_series(pet_paths, "PT")
+    use_mr = bool(mr_paths) and method.needs_mr
     try:
-        mr = load_single_series(mr_paths, "MR") if (mr_paths and method.needs_mr) else None
-        pair = PetMrPair(pet, mr)
-        aligned = align(pair)
-    except ValueError as exc:  # DicomInputError, AlignmentError, PipelineError: all ValueErrors
-        if mr_paths and method.needs_mr:
-            raise MrUnusableError(f"MR unusable: {type(exc).__name__}: {exc}") from exc
-        raise
-    result = denoise(pet.values, aligned.mr_on_pet, pet.geometry.spacing, params, method=method,
-                     progress=progress, snapshot_epochs=snapshot_epochs)
+        mr = load_single_series(mr_paths, "MR") if use_mr else None
+    except ValueError as exc:  # DicomInputError, PipelineError: all ValueErrors
+        raise MrUnusableError(f"MR unusable: {type(exc).__name__}: {exc}") from exc
+    pair = PetMrPair(pet, mr)
+    request = ComputeRequest(
+        pet=pet.values, pet_affine=pet.geometry.affine, pet_frame_of_reference=pet.frame_of_reference_uid,
+        spacing=pet.geometry.spacing, method=method, params=params,
+        mr=mr.values if mr is not None else None, mr_affine=mr.geometry.affine if mr is not None else None,
+        mr_frame_of_reference=mr.frame_of_reference_uid if mr is not None else "",
+        snapshot_epochs=tuple(snapshot_epochs))
+    try:
+        computed = (compute or compute_local)(request, progress)
+    except AlignmentFailed as exc:
+        raise MrUnusableError(f"MR unusable: {exc}") from exc
+    if computed.alignment is not None and mr is not None:
+        log.info("aligned MR %s to PET %s by %s (metric %s)", mr.series_instance_uid,
+                 pet.series_instance_uid, computed.alignment.method, computed.alignment.metric)
+    mr_on_pet = computed.alignment.values if computed.alignment is not None else None
+    aligned = AlignedPair(pet, mr_on_pet, computed.alignment)
+    result = computed.denoised
     pet_files, map_files, weight_files = encode_and_write(aligned, result, pair, options, out_dir)
-    log.info("series %s denoised by %s in %.1f s: %d PET + %d map + %d weight files",
+    log.info("series %s denoised by %s in %.1f s (%s): %d PET + %d map + %d weight files",
              pet.series_instance_uid, method.value, result.timings.get("total", float("nan")),
-             len(pet_files), len(map_files), len(weight_files))
+             computed.worker, len(pet_files), len(map_files), len(weight_files))
     return PipelineResult(method, params, tuple(pet_files), tuple(map_files), result,
-                          aligned.alignment, pet, aligned.mr_on_pet, tuple(weight_files))
+                          aligned.alignment, pet, aligned.mr_on_pet, tuple(weight_files),
+                          worker=computed.worker)

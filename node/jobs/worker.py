@@ -5,6 +5,7 @@ executor; a job runs the pipeline and hands its results to delivery. All state i
 store, so a restart resumes where it stopped."""
 from __future__ import annotations
 
+import functools
 import logging
 import shutil
 import threading
@@ -15,7 +16,7 @@ from pathlib import Path
 from dipnode.models.denoise import DipOutOfMemoryError
 from dipnode.models.params import DipParams, Method
 from dipnode.node.jobs import pipeline
-from dipnode.node.jobs.executor import ExecutorBusy, LocalExecutor
+from dipnode.node.jobs.executor import ClusterUnavailable, Executor, ExecutorBusy, LocalExecutor
 from dipnode.node.jobs.rows import JobRow, JobState, Move, SeriesRow, SeriesState
 from dipnode.node.jobs.store import Store
 from dipnode.node.jobs.matching import DecisionKind, MatchRules, decide, ineligible_reason
@@ -28,6 +29,16 @@ __all__ = ["Runner", "Stopping", "Worker"]
 
 #: What runs one job: :func:`node.pipeline.run` (a caller such as the demo may wrap it).
 Runner = Callable[..., pipeline.PipelineResult]
+
+
+def executor_for(settings: Settings) -> Executor:
+    """The executor ``[workers] executor`` names: "local" (threads of this process) or "ray"
+    (a Ray cluster, node/jobs/ray_executor.py; Ray itself is imported only by its driver)."""
+    if settings.workers.executor == "ray":
+        from dipnode.node.jobs.ray_executor import RayExecutor
+
+        return RayExecutor.from_settings(settings.workers)
+    return LocalExecutor(settings.workers.max_concurrent_jobs)
 
 
 class Stopping(Exception):
@@ -48,7 +59,7 @@ class Worker:
         self.settings = settings
         self.store = store
         self.outputs = outputs
-        self.executor = LocalExecutor(settings.workers.max_concurrent_jobs)
+        self.executor = executor_for(settings)  # threads here, or a Ray cluster
         self.retriever = retriever
         self.listening_since: float | None = None  # set when the receiver listens
         self._hand_over = hand_over
@@ -188,16 +199,28 @@ class Worker:
             pet_paths = self.store.series_instances(job.pet_series_uid)
             mr_paths = self.store.series_instances(job.mr_series_uid) if job.mr_series_uid else None
             log.info("job %d running: %s on PET %s", job.id, job.method.value, job.pet_series_uid)
+            compute = functools.partial(self.executor.compute, job.id)
             try:
                 self._run(pet_paths, mr_paths, out_dir, method=method, params=params,
-                          options=options, progress=progress)
+                          options=options, progress=progress, compute=compute)
             except DipOutOfMemoryError as oom:
                 method, params, fallback = self._after_oom(job.id, oom, method, params)
                 shutil.rmtree(out_dir, ignore_errors=True)
                 self._run(pet_paths, mr_paths, out_dir, method=method, params=params,
-                          options=options, progress=progress)
+                          options=options, progress=progress, compute=compute)
         except Stopping:
             log.info("job %d interrupted by the stop; it resumes at the next start", job.id)
+            return
+        except ClusterUnavailable as exc:
+            if self._stopping.is_set():
+                return
+            if exc.requeue:  # [workers] ray_unreachable = "wait": back in the queue, run later
+                # (the reason keeps the MR choice; the log says why it waits)
+                self.store.transition(job.id, JobState.QUEUED, time.time(), progress=0.0)
+                log.warning("job %d back in the queue: %s", job.id, exc.reason)
+            else:
+                self.store.transition(job.id, JobState.FAILED, time.time(), reason=exc.reason[:2000])
+                log.error("job %d failed: %s", job.id, exc.reason)
             return
         except pipeline.MrUnusableError as exc:
             if self._stopping.is_set():

@@ -80,3 +80,22 @@ def test_same_job_twice_is_refused_and_exceptions_surface(caplog):
 def test_bad_capacity():
     with pytest.raises(ValueError, match="max_concurrent: expected an integer >= 1, got 0"):
         LocalExecutor(0)
+
+
+def test_local_compute_runs_the_job_in_this_process():
+    import os
+
+    import numpy as np
+
+    from dipnode.models.gaussian import gaussian_filter_fwhm
+    from dipnode.models.params import PRESETS, Method
+    from dipnode.node.jobs.compute import ComputeRequest
+
+    pet = np.random.default_rng(0).random((6, 8, 8), dtype=np.float32) * 100
+    params = PRESETS["tiny"].replace(fwhm_voxels=1.5)
+    request = ComputeRequest(pet=pet, pet_affine=np.diag([2.0, 2.0, 2.0, 1.0]), pet_frame_of_reference="1.2.3",
+                             spacing=(2.0, 2.0, 2.0), method=Method.GAUSSIAN, params=params)
+    with LocalExecutor(1) as ex:
+        out = ex.compute(1, request)
+    assert out.alignment is None and f"pid {os.getpid()} " in out.worker
+    np.testing.assert_allclose(out.denoised.denoised, gaussian_filter_fwhm(pet, 1.5))
