@@ -56,6 +56,11 @@ def request_rerun(store: Store, settings: Settings, job_id: int, *, method: str 
                   preset_name: str | None, overrides: dict[str, object]) -> int:
     """Queue a new job for the same PET (new output series), with other parameters if given."""
     old = store.job(job_id)
+    for role, uid in (("PET", old.pet_series_uid), ("MR", old.mr_series_uid)):
+        series = store.series(uid) if uid else None
+        if series is not None and series.purged_at is not None:
+            raise ValueError(f"job {job_id}: its {role} series {uid} was deleted by retention on "
+                             f"{datetime.fromtimestamp(series.purged_at):%Y-%m-%d %H:%M}; send the study again")
     chosen = Method(method or old.method)
     params = resolve_params(preset_name=preset_name, base=old.params,
                             overrides=overrides, method=chosen)
@@ -68,7 +73,11 @@ def request_rerun(store: Store, settings: Settings, job_id: int, *, method: str 
 
 def request_resend(store: Store, job_id: int) -> int:
     """Make a job's dead deliveries pending again; returns how many."""
-    store.job(job_id)  # a clear error for an unknown job
+    job = store.job(job_id)  # a clear error for an unknown job
+    if job.outputs_purged_at is not None:
+        raise ValueError(f"job {job_id}: its results were deleted by retention on "
+                         f"{datetime.fromtimestamp(job.outputs_purged_at):%Y-%m-%d %H:%M}; "
+                         f"re-run it instead (dipnode rerun {job_id})")
     n = store.reset_dead(job_id, time.time())
     if n == 0:
         raise ValueError(f"job {job_id} has no dead deliveries to re-send")

@@ -37,6 +37,11 @@ from dipnode.node.jobs.rows import (
     InstanceRecord, JobRow, JobState, KnownInstance, Move, SeriesRow, SeriesState, StoreError,
 )
 from dipnode.node.jobs.store import Store
+from dipnode.node import admin, job_summary
+from dipnode.node.http import HttpConfig, HttpServer
+from dipnode.node.metrics import NodeMetrics
+from dipnode.node.retention import Policy, Retention, SweepReport
+from dipnode.node.status_page import JobView, PageView
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +83,22 @@ class Node:
         # Prior MR from the PACS ([[sources]]); its thread starts once the receiver listens
         # (a C-MOVE's sub-operations come to the receiver).
         self.retriever = Retriever(settings, self.store, self.on_store) if settings.sources else None
+        # Running for months: metrics, retention, the HTTP port (status page, /metrics, /healthz).
+        self.metrics = NodeMetrics(lambda: self.store, settings.storage.spool_dir)
+        self.registry = self.metrics.registry
+        self.thumbnails = Path(settings.storage.spool_dir) / "thumbnails"
+        r = settings.retention
+        self.retention = Retention(
+            self.store, settings.storage.spool_dir,
+            Policy(inputs_days=r.inputs_days, failed_days=r.failed_days, outputs_days=r.outputs_days,
+                   emergency_free_bytes=settings.emergency_free_mb * 1024 * 1024),
+            outputs_dir=self.outputs, thumbnails_dir=self.thumbnails,
+            on_sweep=self._swept) if r.enabled else None
+        self._next_sweep = 0.0
+        self._last_sweep: str | None = None
+        h = settings.http
+        self.http = HttpServer(HttpConfig(host=h.host, port=h.port, token=h.token, admin_token=h.admin_token,
+                                          refresh_s=h.refresh_s), self) if h.enabled else None
 
     # -- receiving: spool before success, then index ---------------------------------------
     def on_store(self, instance: ReceivedInstance) -> Status:
@@ -116,7 +137,7 @@ class Node:
                               uid, record.series_uid)
                     return Status.SUCCESS
                 log.warning("instance %s is indexed but its file %s is gone: written again", uid, known.path)
-            stored = self.spool.store(instance, header)  # durable before we answer
+            stored = self._spool_store(instance, header)  # durable before we answer
             try:
                 new = self.store.record_instance(record, time.time())
             except BaseException:
@@ -125,6 +146,22 @@ class Node:
                 raise
         log.debug("stored %s (series %s)%s", uid, record.series_uid, "" if new else " again")
         return Status.SUCCESS
+
+    def _spool_store(self, instance: ReceivedInstance, header: Header):
+        """Spool.store, with retention's emergency sweep first when the spool is at its mark:
+        stores are refused only when nothing finished is left to delete."""
+        try:
+            return self.spool.store(instance, header)
+        except StoreRefused as exc:
+            if exc.status != Status.OUT_OF_RESOURCES or self.retention is None:
+                raise
+        self.retention.sweep(emergency=True)
+        return self.spool.store(instance, header)
+
+    def _swept(self, report: SweepReport) -> None:
+        self.metrics.swept(report)
+        self._last_sweep = (f"{time.strftime('%Y-%m-%d %H:%M:%S')} ({report.kind}): {report.series} series, "
+                            f"{report.outputs} results, {report.bytes_freed / 1048576:.1f} MB")
 
     def _check_resent(self, instance: ReceivedInstance, header: Header, record: InstanceRecord,
                       known: KnownInstance, path: Path) -> None:
@@ -152,6 +189,10 @@ class Node:
     # -- life cycle ------------------------------------------------------------------------
     def start(self) -> None:
         removed = self.spool.recover()
+        if self.retention is not None:
+            # A sweep killed between its steps is finished before the spool is scanned for
+            # unindexed files (node/retention.py): its files are never indexed again.
+            self.retention.finish_interrupted()
         self.index_orphans()
         now = time.time()
         resumed = self.store.resume_after_restart(now)
@@ -164,13 +205,16 @@ class Node:
                 # in _run_job): without this the job would wait for a delivery that never comes.
                 log.info("job %d was sending with no deliveries recorded: handing it over now", job_id)
                 self._hand_over(job_id, self.store.job(job_id).output_dir or "", now)
-        self._receiver = start_receiver(wire.receiver_config(self.settings), self.on_store)
+        self._receiver = start_receiver(wire.receiver_config(self.settings), self.on_store,
+                                        self.metrics.stored)
         # Series interrupted by the downtime get a full stable age from now (completion.is_due).
         self._listening_since = time.time()
         self._scheduler = threading.Thread(target=self._loop, name="dipnode-scheduler", daemon=True)
         self._scheduler.start()
         if self.retriever is not None:
             self.retriever.start()
+        if self.http is not None:
+            self.http.start()
         log.info("dipnode %s listening as %s on %s:%d", software_version(),
                  self.settings.node.ae_title, self.settings.node.host, self.port)
 
@@ -232,6 +276,8 @@ class Node:
         """Stop receiving and scheduling; a running fit stops at its next epoch and stays
         RUNNING in the store, so the next start re-queues it."""
         self._stop.set()
+        if self.http is not None:
+            self.http.stop()
         if self.retriever is not None:
             self.retriever.stop()
         if self._receiver is not None:
@@ -258,6 +304,7 @@ class Node:
             s = done.series
             log.info("series %s complete (%s, %d instances%s)", s.series_uid, s.modality,
                      s.instance_count, ", re-opened by late instances" if done.rerun else "")
+            self.metrics.series_completed.labels(modality=s.modality).inc()
             if s.modality == "PT":
                 self._new_job(s.series_uid, now, rerun=done.rerun)
             elif s.modality == "MR":
@@ -274,6 +321,18 @@ class Node:
                 self.store.transition(job.id, JobState.QUEUED, now)
                 break
         self._deliver(now)
+        self._retain(now)
+
+    def _retain(self, now: float) -> None:
+        """Retention: the scheduled sweep every sweep_interval_s, and the emergency sweep as
+        soon as the spool falls below its emergency mark."""
+        if self.retention is None:
+            return
+        if self.retention.below_emergency_mark():
+            self.retention.sweep(emergency=True)
+        if now >= self._next_sweep:
+            self._next_sweep = now + self.settings.retention.sweep_interval_s
+            self.retention.sweep(now)
 
     def _new_job(self, pet_uid: str, now: float, *, rerun: bool) -> None:
         m = self.settings.method
@@ -325,6 +384,7 @@ class Node:
             log.warning("job %d failed: %s", job.id, decision.reason)
             return
         method = decision.method or job.method  # the job's, or Gaussian as a fallback
+        self.metrics.mr_wait_seconds.observe(max(0.0, now - job.created_at))
         self.store.transition(job.id, JobState.QUEUED, now, method=method,
                               mr_series_uid=decision.mr.series_uid if decision.mr else None,
                               reason=decision.reason or None)
@@ -385,6 +445,7 @@ class Node:
             pet_paths = self.store.series_instances(job.pet_series_uid)
             mr_paths = self.store.series_instances(job.mr_series_uid) if job.mr_series_uid else None
             log.info("job %d running: %s on PET %s", job.id, method.value, job.pet_series_uid)
+            started = time.monotonic()
             result = pipeline.run(pet_paths, mr_paths, out_dir, method=method, params=params,
                                   options=options, progress=progress,
                                   snapshot_epochs=self._snapshot_epochs)
@@ -409,9 +470,22 @@ class Node:
             return
         if self._observer is not None:
             self._observer(job.id, result)
+        self._summarise(job.id, result, time.monotonic() - started)
         now = time.time()
         self.store.transition(job.id, JobState.SENDING, now, progress=1.0, output_dir=str(out_dir))
         self._hand_over(job.id, str(out_dir), now)
+
+    def _summarise(self, job_id: int, result: pipeline.PipelineResult, seconds: float) -> None:
+        """Trust numbers, registration and timings into the job, one log line, thumbnails for
+        the status page. Never fails the job: its results are already written."""
+        self.metrics.fit_seconds.labels(method=result.method.value).observe(seconds)
+        try:
+            summary = job_summary.summary(result, seconds)
+            self.store.set_report(job_id, summary)
+            log.info("%s", job_summary.summary_line(job_id, summary))
+            job_summary.write_thumbnails(result, self.thumbnails / f"job-{job_id}.png")
+        except Exception:  # noqa: BLE001 - the page lacks a number; the results stand
+            log.exception("job %d: trust numbers or thumbnails could not be made", job_id)
 
     def _hand_over(self, job_id: int, out_dir: str, now: float) -> None:
         """A SENDING job gets one pending delivery per destination, or is DONE without any."""
@@ -430,11 +504,15 @@ class Node:
                 return
             job = self.store.job(d.job_id)
             files = sorted(Path(job.output_dir).rglob("*.dcm")) if job.output_dir else []
-            if not files:
-                self.store.delivery_result(d.job_id, d.destination, now, ok=False,
-                                           error="results missing on disk", next_attempt_at=None)
+            if not files or job.outputs_purged_at is not None:
+                self.store.delivery_result(d.job_id, d.destination, now, ok=False, next_attempt_at=None,
+                                           error="results missing on disk" if job.outputs_purged_at is None
+                                           else "results deleted by retention")
+                self.metrics.dead_letters_total.inc()
                 continue
+            t0 = time.monotonic()
             report = send_files(files, Peer.parse(d.destination), **wire.sender_options(self.settings, d.destination))
+            self.metrics.send_seconds.observe(time.monotonic() - t0)
             ok = report.all_ok
             error = None if ok else (report.error or f"{report.n_failed} instances refused")
             attempts = d.attempts + 1
@@ -443,11 +521,73 @@ class Node:
                 retry_at = time.time() + min(s.backoff_s * 2 ** (attempts - 1), s.backoff_max_s)
             row = self.store.delivery_result(d.job_id, d.destination, time.time(), ok=ok,
                                              error=error, next_attempt_at=retry_at)
+            if not ok:
+                (self.metrics.sender_retries if retry_at else self.metrics.dead_letters_total).inc()
             log.info("job %d -> %s: %s%s", d.job_id, d.destination,
                      "delivered" if ok else f"failed ({error})",
                      "" if ok or retry_at else ", gave up (dead letter)")
             if row.state is JobState.DONE and row.output_dir:
                 shutil.rmtree(row.output_dir, ignore_errors=True)  # every destination has it
+
+
+    # -- what the HTTP port asks (node/http.py Site) ------------------------------------------
+    def health(self) -> dict[str, str | None]:
+        """/healthz: each check -> None when fine, else why not."""
+        checks: dict[str, str | None] = {}
+        try:
+            self.store.check_writable()
+            checks["database"] = None
+        except (sqlite3.Error, StoreError) as exc:
+            checks["database"] = f"not writable: {exc}"
+        try:
+            free = shutil.disk_usage(self.spool.root).free
+            checks["spool"] = (None if free >= self.spool.min_free_bytes else
+                               f"{free // 1048576} MB free, below the mark of {self.spool.min_free_bytes // 1048576} MB")
+        except OSError as exc:
+            checks["spool"] = f"unreadable: {exc}"
+        alive = self._scheduler is not None and self._scheduler.is_alive() and not self._stop.is_set()
+        checks["workers"] = None if alive else "the scheduler is not running"
+        return checks
+
+    def page_view(self, admin_csrf: Callable[[int], str] | None) -> PageView:
+        jobs = self.store.jobs()
+        unfinished = [j for j in jobs if not j.state.terminal]
+        finished = [j for j in jobs if j.state.terminal][-200:]  # the page shows the latest 200
+        series: dict[str, SeriesRow | None] = {}
+
+        def one(uid: str | None) -> SeriesRow | None:
+            if uid is None:
+                return None
+            if uid not in series:
+                series[uid] = self.store.series(uid)
+            return series[uid]
+
+        views = tuple(JobView(j, one(j.pet_series_uid), one(j.mr_series_uid), tuple(self.store.deliveries(j.id)),
+                              (self.thumbnails / f"job-{j.id}.png").is_file())
+                      for j in (*finished, *unfinished))
+        try:
+            free: int | None = shutil.disk_usage(self.spool.root).free
+        except OSError:
+            free = None
+        return PageView(
+            ae_title=self.settings.node.ae_title, version=f"dipnode {software_version()}",
+            counts=self.store.job_counts(), dead_letters=self.store.dead_letter_count(),
+            spool_free_bytes=free, refuse_below_bytes=self.spool.min_free_bytes,
+            emergency_below_bytes=(self.retention.policy.emergency_free_bytes if self.retention else None),
+            last_sweep=self._last_sweep, jobs=views, refresh_s=self.settings.http.refresh_s,
+            admin_csrf=None if admin_csrf is None else {v.job.id: admin_csrf(v.job.id) for v in views})
+
+    def thumbnail(self, job_id: int) -> Path | None:
+        path = self.thumbnails / f"job-{job_id}.png"
+        return path if path.is_file() else None
+
+    def rerun(self, job_id: int) -> str:
+        new = admin.request_rerun(self.store, self.settings, job_id, method=None, preset_name=None, overrides={})
+        return f"job {new} queued (re-run of job {job_id})"
+
+    def resend(self, job_id: int) -> str:
+        n = admin.request_resend(self.store, job_id)
+        return f"job {job_id}: {n} deliveries queued again"
 
 
 def output_series_numbers(configured: tuple[int, int, int], study_job_index: int) -> tuple[int, int, int]:

@@ -408,7 +408,9 @@ class Store:
              None if params is None else _params_json(params, caller),
              None if params is None else 1, PARAMS_VERSION, output_dir, int(move is Move.CLAIMED), job_id),
         )
-        log.debug("job %d: %s -> %s (%s)", job_id, old.value, target.value, move.value)
+        # `dipnode serve` logs one line per job transition (UIDs stay at debug level).
+        log.info("job %d: %s -> %s (%s)%s", job_id, old.value, target.value, move.value,
+                 f": {reason[:300]}" if reason and target is JobState.FAILED else "")
         return db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
 
     def set_progress(self, job_id: int, progress: float, now: float) -> None:
