@@ -81,14 +81,14 @@ def write_thumbnails(result: PipelineResult, path: Path) -> Path:
     elif d.stability is not None:
         panels.append(("stability S (Bq/ml)", d.stability[k], "magma",
                        (0, float(np.percentile(d.stability, 99.5)) or 1.0)))
-    fig = Figure(figsize=(1.8 * len(panels), 2.0), dpi=80)
+    fig = Figure(figsize=(1.5 * len(panels), 1.75), dpi=100)
     for i, (title, img, cmap, (lo, hi)) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), i + 1)
         ax.imshow(img, cmap=cmap, vmin=lo, vmax=hi, interpolation="nearest")
-        ax.set_title(title, fontsize=7)
+        ax.set_title(title, fontsize=8)
         ax.set_axis_off()
-    fig.suptitle(f"slice {k + 1} of {osem.shape[0]}", fontsize=7, y=0.05)
-    fig.tight_layout()
+    fig.text(0.5, 0.02, f"axial slice {k + 1} of {osem.shape[0]}", ha="center", fontsize=7)
+    fig.subplots_adjust(left=0.01, right=0.99, top=0.88, bottom=0.08, wspace=0.04)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")

@@ -11,7 +11,8 @@ it), the results of an unfinished job.
 
 Emergency: when the spool's free space falls below ``emergency_free_mb`` (above
 ``[storage] min_free_mb``, where C-STORE is refused) the same candidates go regardless of age,
-oldest finished first, until free space is back above the mark.
+oldest finished first, until free space is half as much again above the mark (so that one
+sweep makes room for more than the next instance).
 
 Order, so that a kill at any point leaves nothing half-done (docs/DESIGN.md "The durability
 contract"): for a series, (1) one transaction marks it purged (from then on it is no MR prior
@@ -51,6 +52,11 @@ class Policy:
     failed_days: float = 30.0
     outputs_days: float = 7.0
     emergency_free_bytes: int = 2 * 1024 * MB
+
+    @property
+    def emergency_target_bytes(self) -> int:
+        """An emergency sweep deletes until this much is free (the mark and half again)."""
+        return self.emergency_free_bytes * 3 // 2
 
     def __post_init__(self) -> None:
         for name in ("inputs_days", "failed_days", "outputs_days"):
@@ -215,7 +221,7 @@ class Retention:
                 freed += b
                 series += 1
             for c in plan(self.store.all_series(), self.store.jobs(), self.policy, now, emergency=emergency):
-                if emergency and self.free_bytes() >= self.policy.emergency_free_bytes:
+                if emergency and self.free_bytes() >= self.policy.emergency_target_bytes:
                     break
                 if c.kind == "inputs":
                     if not self.store.mark_series_purged(c.key, now):

@@ -57,7 +57,9 @@ th{background:#f4f4f4;font-weight:600}
 .failed{background:#fdd;color:#900}.done{background:#dfd;color:#060}.running,.sending{background:#def;color:#036}
 .queued,.waiting_for_mr{background:#ffd;color:#640}
 .small{font-size:.85em;color:#555}.reason{color:#900}
-img.thumb{max-width:100%;height:auto;border:1px solid #ddd}
+img.thumb{width:330px;height:auto;border:1px solid #ddd}td.thumbs{min-width:336px}
+td.trust{min-width:230px}td.series{min-width:190px}td.trust td{padding:.1em .4em}.uid{word-break:break-all;font-size:.8em;color:#666}
+.note{color:#444;font-size:.9em}
 form{display:inline}button{margin:.2em .3em 0 0}
 """
 
@@ -78,11 +80,11 @@ def _series(s: SeriesRow | None, uid: str | None) -> str:
     if uid is None:
         return "none"
     if s is None:
-        return f"<span class=small>{_E(uid)}</span>"
+        return f"<span class=uid>{_E(uid)}</span>"
     desc = s.series_description or "(no description)"
     purged = " <span class=small>(files deleted by retention)</span>" if s.purged_at is not None else ""
     return (f"{_E(desc)} <span class=small>{_E(_date(s.series_date or s.study_date))}, "
-            f"{s.instance_count} images</span>{purged}<br><span class=small>{_E(uid)}</span>")
+            f"{s.instance_count} images</span>{purged}<br><span class=uid>{_E(uid)}</span>")
 
 
 def _pct(x: float | None) -> str:
@@ -104,7 +106,7 @@ def _trust(report: dict | None) -> str:
             reg_text += f", overlap {100 * reg['overlap_fraction']:.0f} %"
     timings = report.get("timings") or {}
     times = ", ".join(f"{_E(k)} {v:.1f} s" for k, v in timings.items() if k in ("job", "fit", "total"))
-    return ("<table class=small>"
+    return ("<table>"
             f"<tr><td>brain voxels from measured data</td><td>{'n/a' if measured is None else f'{100 * measured:.0f} %'}</td></tr>"
             f"<tr><td>mean change, brain</td><td>{_pct(t.get('mean_change'))}</td></tr>"
             f"<tr><td>mean change, hottest 1 %</td><td>{_pct(t.get('hot_change'))}</td></tr>"
@@ -124,10 +126,12 @@ def _params(job: JobRow) -> str:
 
 def _row(v: JobView, csrf: dict[int, str] | None) -> str:
     j = v.job
-    reason = f"<div class=reason>{_E(j.reason)}</div>" if j.reason else ""
+    # A failed job's reason is the failure; a finished one's says what it ran with.
+    reason = (f"<div class={'reason' if j.state is JobState.FAILED else 'note'}>{_E(j.reason)}</div>"
+              if j.reason else "")
     dead = "".join(f"<div class=reason>dead letter: {_E(d.destination)} after {d.attempts} attempts: "
                    f"{_E(d.last_error or '')}</div>" for d in v.dead)
-    choice = f"<div class=small>why this MR: {_E(j.mr_choice)}</div>" if j.mr_choice else ""
+    choice = f"<div class=note>why this MR: {_E(j.mr_choice)}</div>" if j.mr_choice else ""
     thumb = (f'<img class=thumb alt="job {j.id}: OSEM, output, data weight" src="jobs/{j.id}/thumbnail.png">'
              if v.has_thumbnail else "")
     actions = ""
@@ -143,10 +147,10 @@ def _row(v: JobView, csrf: dict[int, str] | None) -> str:
     return (f"<tr id=job-{j.id}><td>{j.id}{rerun}</td>"
             f"<td><span class='state {j.state.value}'>{j.state.value}</span> "
             f"{100 * j.progress:.0f} %<div class=small>{_E(_when(j.updated_at))}</div>{reason}{dead}{actions}</td>"
-            f"<td>{_series(v.pet, j.pet_series_uid)}</td>"
-            f"<td>{_series(v.mr, j.mr_series_uid)}{choice}</td>"
+            f"<td class=series>{_series(v.pet, j.pet_series_uid)}</td>"
+            f"<td class=series>{_series(v.mr, j.mr_series_uid)}{choice}</td>"
             f"<td>{_E(j.method.value)}<div class=small>{_E(_params(j))}</div></td>"
-            f"<td>{_trust(j.report)}</td><td>{thumb}</td></tr>")
+            f"<td class=trust>{_trust(j.report)}</td><td class=thumbs>{thumb}</td></tr>")
 
 
 _HEAD = ("<tr><th>job</th><th>state</th><th>PET</th><th>MR</th><th>method</th>"
