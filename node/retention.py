@@ -184,6 +184,7 @@ class Retention:
         self.policy = policy
         self._on_sweep = on_sweep
         self._lock = threading.Lock()
+        self._stuck = False  # below the emergency mark with nothing to delete (warned once)
 
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.spool_root).free
@@ -248,6 +249,24 @@ class Retention:
         if self._on_sweep is not None:
             self._on_sweep(report)
         return report
+
+    def emergency(self) -> SweepReport | None:
+        """The emergency sweep when the spool is below its emergency mark and something
+        finished may go; None otherwise. With nothing to delete it warns once (until something
+        could be deleted again) rather than sweeping, and logging, at every call."""
+        if not self.below_emergency_mark():
+            self._stuck = False
+            return None
+        if not self.store.purging_series() and not plan(
+                self.store.all_series(), self.store.jobs(), self.policy, time.time(), emergency=True):
+            if not self._stuck:
+                log.warning("spool free %.0f MB is below the emergency mark %.0f MB and nothing finished "
+                            "can be deleted: C-STORE is refused below [storage] min_free_mb",
+                            self.free_bytes() / MB, self.policy.emergency_free_bytes / MB)
+                self._stuck = True
+            return None
+        self._stuck = False
+        return self.sweep(emergency=True)
 
     def finish_interrupted(self) -> int:
         """Complete the series a killed sweep left marked (call at start-up, before the spool

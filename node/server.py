@@ -155,7 +155,7 @@ class Node:
         except StoreRefused as exc:
             if exc.status != Status.OUT_OF_RESOURCES or self.retention is None:
                 raise
-        self.retention.sweep(emergency=True)
+        self.retention.emergency()
         return self.spool.store(instance, header)
 
     def _swept(self, report: SweepReport) -> None:
@@ -328,8 +328,7 @@ class Node:
         soon as the spool falls below its emergency mark."""
         if self.retention is None:
             return
-        if self.retention.below_emergency_mark():
-            self.retention.sweep(emergency=True)
+        self.retention.emergency()
         if now >= self._next_sweep:
             self._next_sweep = now + self.settings.retention.sweep_interval_s
             self.retention.sweep(now)
