@@ -51,13 +51,13 @@ _CSS = """
 body{font:14px system-ui,sans-serif;margin:1.2em;color:#222}
 h1{font-size:1.3em;margin:0 0 .3em}h2{font-size:1.1em;margin:1.2em 0 .4em;border-bottom:1px solid #ccc}
 .summary span{display:inline-block;margin-right:1.2em}
-table{border-collapse:collapse;width:100%}td,th{text-align:left;vertical-align:top;padding:.35em .5em;border-bottom:1px solid #eee}
-th{background:#f4f4f4;font-weight:600}
+table{border-collapse:collapse;width:100%}td,th{text-align:left;vertical-align:top;padding:.35em .5em;border-bottom:1px solid #eee;overflow-wrap:anywhere}
+th{background:#f4f4f4;font-weight:600;white-space:nowrap;overflow-wrap:normal}td.method{min-width:110px}
 .state{font-weight:600;padding:.1em .4em;border-radius:3px}
 .failed{background:#fdd;color:#900}.done{background:#dfd;color:#060}.running,.sending{background:#def;color:#036}
 .queued,.waiting_for_mr{background:#ffd;color:#640}
 .small{font-size:.85em;color:#555}.reason{color:#900}
-img.thumb{width:330px;height:auto;border:1px solid #ddd}td.thumbs{min-width:336px}
+img.thumb{width:310px;height:auto;border:1px solid #ddd}td.thumbs{min-width:316px}
 td.trust{min-width:230px}td.series{min-width:190px}td.trust td{padding:.1em .4em}.uid{word-break:break-all;font-size:.8em;color:#666}
 .note{color:#444;font-size:.9em}
 form{display:inline}button{margin:.2em .3em 0 0}
@@ -149,7 +149,7 @@ def _row(v: JobView, csrf: dict[int, str] | None) -> str:
             f"{100 * j.progress:.0f} %<div class=small>{_E(_when(j.updated_at))}</div>{reason}{dead}{actions}</td>"
             f"<td class=series>{_series(v.pet, j.pet_series_uid)}</td>"
             f"<td class=series>{_series(v.mr, j.mr_series_uid)}{choice}</td>"
-            f"<td>{_E(j.method.value)}<div class=small>{_E(_params(j))}</div></td>"
+            f"<td class=method>{_E(j.method.value)}<div class=small>{_E(_params(j))}</div></td>"
             f"<td class=trust>{_trust(j.report)}</td><td class=thumbs>{thumb}</td></tr>")
 
 
