@@ -29,7 +29,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--senders", type=int, default=3)
     p.add_argument("--slices", type=int, default=16)
     p.add_argument("--size", type=int, default=16, help="rows = columns")
-    p.add_argument("--method", choices=("sdip", "cdip", "gaussian"), default="sdip")
+    p.add_argument("--method", choices=("sdip", "sdip-paper", "cdip", "gaussian"), default="sdip")
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--gap", type=float, default=10.0, help="seconds between a sender's studies")
     p.add_argument("--no-pacs", action="store_true", help="no storescp destination")

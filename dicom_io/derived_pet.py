@@ -75,8 +75,20 @@ def keep_text_bytes(ds: Dataset, raw: dict[int, RawDataElement]) -> None:
             ds[tag] = elem
 
 
-def build_derived_pet(source: Volume, values: np.ndarray, spec: OutputSpec) -> list[Dataset]:
-    """Return one derived PET dataset per source slice (k order), ready for dcmwrite."""
+# PET Units (0054,1001) defined terms (PS3.3 C.8.9.1.1.3) a derived map may carry instead of
+# the source's: PCNT (percent) for a weight, NONE for a unitless value.
+_UNITS = ("BQML", "PCNT", "NONE")
+
+
+def build_derived_pet(source: Volume, values: np.ndarray, spec: OutputSpec, *,
+                      units: str | None = None) -> list[Dataset]:
+    """Return one derived PET dataset per source slice (k order), ready for dcmwrite.
+
+    units: None keeps the source's Units (the denoised PET: SUV reads as on the source);
+    "PCNT" or "NONE" for a map that is not an activity (a viewer then offers no SUV).
+    """
+    if units is not None and units not in _UNITS:
+        raise DicomOutputError(f"build_derived_pet: units expected one of {_UNITS}, got {units!r}")
     arr = _check(source, values)
     date = spec.content_datetime.strftime("%Y%m%d")
     time = spec.content_datetime.strftime("%H%M%S")
@@ -104,6 +116,8 @@ def build_derived_pet(source: Volume, values: np.ndarray, spec: OutputSpec) -> l
             if name in ds:
                 delattr(ds, name)
         apply_derivation(ds, spec, header)
+        if units is not None:
+            ds.Units = units
         if not ds.get("BodyPartExamined") and "Laterality" not in ds:
             # General Series needs Laterality (2C) unless the part is unpaired: brain PET.
             ds.BodyPartExamined = "HEAD"
@@ -127,6 +141,7 @@ def build_derived_pet(source: Volume, values: np.ndarray, spec: OutputSpec) -> l
     return out
 
 
-def write_derived_pet(source: Volume, values: np.ndarray, spec: OutputSpec, out_dir: Path) -> list[Path]:
+def write_derived_pet(source: Volume, values: np.ndarray, spec: OutputSpec, out_dir: Path, *,
+                      units: str | None = None) -> list[Path]:
     """Build the derived PET series (:func:`build_derived_pet`) and write it to ``out_dir``."""
-    return write_datasets(build_derived_pet(source, values, spec), out_dir)
+    return write_datasets(build_derived_pet(source, values, spec, units=units), out_dir)

@@ -1,7 +1,11 @@
-"""The SDIP stability map as one highdicom Parametric Map on the PET grid.
+"""SDIP's per-voxel maps as highdicom Parametric Maps on the PET grid: build, and write.
 
-Float pixels (Float Pixel Data, PS3.3 C.7.6.3) with a Real World Value Mapping in a UCUM unit
-(the stability map is a standard deviation of network outputs, so it has the PET's unit),
+Two maps, each its own series (a viewer shows one Parametric Map series as one image; few
+show a second channel): the stability map S (a standard deviation of network outputs, so
+in the PET's unit, Bq/mL) and the data weight w in [0, 1], the fraction of the measured
+OSEM value that the blend kept in each voxel (UCUM unit "1", no units).
+
+Float pixels (Float Pixel Data, PS3.3 C.7.6.3) with a Real World Value Mapping in a UCUM unit,
 plane positions from the source slices, and references to the source PET images. An MR from
 another study cannot be a further source image (PS3.3 C.7.6.16.2.6: sources are in the same
 study), so it is named in the derivation description instead.
@@ -28,6 +32,8 @@ from dipnode.dicom_io.uids import derive_uid
 from dipnode.dicom_io.volume import Volume
 
 _DEFAULT_UNIT = ("Bq/mL", "UCUM", "Bq/mL")
+# UCUM's unit for a dimensionless ratio is "1" (PS3.16 CID 7181 / UCUM "no units").
+UNIT_ONE = ("1", "UCUM", "no units")
 
 
 def build_stability_map(
@@ -39,15 +45,65 @@ def build_stability_map(
     mr_reference_note: str = "",
 ) -> ParametricMap:
     """Return a Parametric Map of ``stability`` (k, j, i) on ``source``'s grid."""
-    arr = source.values_on_grid(stability, "build_stability_map", "stability")
+    return _parametric_map(
+        source, stability, spec, who="build_stability_map", name="stability", unit=unit,
+        lut_label="SDIP_STD", lut_explanation="SDIP stability: std of network outputs",
+        content_label="STABILITY", content_description="SDIP stability map",
+        uid_role="stability-map", mr_reference_note=mr_reference_note)
+
+
+def build_data_weight_map(
+    source: Volume,
+    weight: np.ndarray,
+    spec: OutputSpec,
+    *,
+    mr_reference_note: str = "",
+) -> ParametricMap:
+    """Return a Parametric Map of the data weight ``w`` (k, j, i, values in [0, 1]).
+
+    w is the fraction of the measured OSEM value in each voxel of the denoised image
+    (x = w·OSEM + (1 − w)·network): 1 where the measured value was kept (unstable fit or the
+    data-consistency guard), 0 where the network's value was used.
+    """
+    arr = source.values_on_grid(weight, "build_data_weight_map", "weight")
+    if not np.all((arr >= 0) & (arr <= 1)):
+        raise DicomOutputError("build_data_weight_map: weight expected values in [0, 1], got "
+                               f"[{float(np.min(arr)):g}, {float(np.max(arr)):g}]")
+    return _parametric_map(
+        source, arr, spec, who="build_data_weight_map", name="weight", unit=UNIT_ONE,
+        lut_label="DATA_WEIGHT",
+        lut_explanation="fraction of measured OSEM value kept (1 = OSEM)",
+        content_label="DATAWEIGHT",
+        content_description="SDIP data weight: share of the measured PET value",
+        uid_role="data-weight-map", mr_reference_note=mr_reference_note,
+        value_range=(0.0, 1.0))
+
+
+def _parametric_map(
+    source: Volume,
+    values: np.ndarray,
+    spec: OutputSpec,
+    *,
+    who: str,
+    name: str,
+    unit: tuple[str, str, str],
+    lut_label: str,
+    lut_explanation: str,
+    content_label: str,
+    content_description: str,
+    uid_role: str,
+    mr_reference_note: str = "",
+    value_range: tuple[float, float] | None = None,
+) -> ParametricMap:
+    arr = source.values_on_grid(values, who, name)
     value, scheme, meaning = unit
     if scheme != "UCUM":
-        raise DicomOutputError(f"build_stability_map: unit coding scheme expected UCUM, got {scheme}")
+        raise DicomOutputError(f"{who}: unit coding scheme expected UCUM, got {scheme}")
     arr = arr.astype(np.float32)
-    lo, hi = float(arr.min()), float(arr.max())
+    lo, hi = value_range if value_range is not None else (float(arr.min()), float(arr.max()))
     mapping = RealWorldValueMapping(
-        lut_label="SDIP_STD",
-        lut_explanation="SDIP stability: std of network outputs",
+        lut_label=lut_label,
+        lut_explanation=lut_explanation,
         unit=CodedConcept(value, scheme, meaning),
         value_range=(lo, hi if hi > lo else lo + 1.0),
         slope=1.0,
@@ -89,7 +145,7 @@ def build_stability_map(
         pixel_array=arr,
         series_instance_uid=spec.series_instance_uid,
         series_number=spec.series_number,
-        sop_instance_uid=derive_uid(spec.uid_seed, source.series_instance_uid, "stability-map"),
+        sop_instance_uid=derive_uid(spec.uid_seed, source.series_instance_uid, uid_role),
         instance_number=1,
         manufacturer=spec.manufacturer,
         manufacturer_model_name=spec.software_name,
@@ -97,8 +153,8 @@ def build_stability_map(
         device_serial_number="0",
         contains_recognizable_visual_features=False,
         real_world_value_mappings=[mapping],
-        content_description="SDIP stability map",
-        content_label="STABILITY",
+        content_description=content_description,
+        content_label=content_label,
         pixel_measures=measures,
         plane_orientation=orientation,
         plane_positions=positions,
@@ -137,5 +193,20 @@ def write_stability_map(
     """Build the Parametric Map (:func:`build_stability_map`) and write it to ``out_dir`` as
     ``<SOPInstanceUID>.dcm``; returns the path."""
     pm = build_stability_map(source, stability, spec, unit=unit, mr_reference_note=mr_reference_note)
+    [path] = write_datasets([pm], out_dir)
+    return path
+
+
+def write_data_weight_map(
+    source: Volume,
+    weight: np.ndarray,
+    spec: OutputSpec,
+    out_dir: Path,
+    *,
+    mr_reference_note: str = "",
+) -> Path:
+    """Build the data-weight Parametric Map (:func:`build_data_weight_map`) and write it to
+    ``out_dir`` as ``<SOPInstanceUID>.dcm``; returns the path."""
+    pm = build_data_weight_map(source, weight, spec, mr_reference_note=mr_reference_note)
     [path] = write_datasets([pm], out_dir)
     return path

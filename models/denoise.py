@@ -1,7 +1,8 @@
 """The one entry point of the denoising engine: arrays in, a DenoiseResult out.
 
 ``denoise`` validates its inputs once, here at the boundary, then runs the chosen method:
-SDIP (conditional DIP + stability map + blend), plain conditional DIP, or OSEM + Gaussian.
+SDIP (conditional DIP + stability map + data-consistency guard + blend, docs/METHOD.md), the
+paper's SDIP exactly (no guard, last output), plain conditional DIP, or OSEM + Gaussian.
 """
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ import numpy as np
 # The fit's errors are re-exported: callers of the engine catch them from this one module.
 from dipnode.models.dip import DeviceUnavailableError, DipDivergedError, Progress, fit_conditional_dip
 from dipnode.models.gaussian import gaussian_filter_fwhm
+from dipnode.models.guard import GuardParams, GuardResult, data_guard
 from dipnode.models.params import DipParams, Method
-from dipnode.models.stability import blend
+from dipnode.models.stability import blend_weight, normalised_stability
 
 __all__ = ["DenoiseInputError", "DenoiseResult", "DeviceUnavailableError", "DipDivergedError", "denoise"]
 
@@ -33,9 +35,15 @@ class DenoiseResult:
     """What the engine hands the pipeline. Volumes are float32 on the PET grid, PET units.
 
     denoised: the method's image (SDIP: the blend; CDIP: f(θ*|g); Gaussian: the filtered PET).
-    dip: f(θ*|g) for the DIP methods, else None.
+    dip: f(θ*|g) for the DIP methods (the last output), else None.
+    network_image: the network's image the blend used: the mean of the sampled outputs for
+        SDIP with ``params.average``, else ``dip``; None for Gaussian.
     stability: S (PET units) for the DIP methods, else None.
-    stability_norm: S_norm in [0, 1], the OSEM weight of the blend, for SDIP only.
+    stability_norm: S_norm in [0, 1], the paper's OSEM weight, for the blending methods.
+    guard: G in [0, 1], the data-consistency guard (SDIP only, else None).
+    data_weight: w in [0, 1], the weight the blend gave the measured OSEM value in each
+        voxel: max(S_norm, G) for SDIP, S_norm for the paper's SDIP; None otherwise.
+    guard_info: the guard's threshold and statistics (SDIP only).
     loss_history: per-epoch loss (see DipFit), () for Gaussian.
     snapshots: DIP outputs at the requested epochs, {} for Gaussian.
     timings: seconds; always "total", and "fit", "per_epoch" (plus "setup", "sampling",
@@ -55,6 +63,10 @@ class DenoiseResult:
     timings: dict[str, float]
     device: str
     spacing: tuple[float, float, float]
+    network_image: np.ndarray | None = field(repr=False, default=None)
+    guard: np.ndarray | None = field(repr=False, default=None)
+    data_weight: np.ndarray | None = field(repr=False, default=None)
+    guard_info: GuardResult | None = field(repr=False, default=None)
 
 
 def _as_method(method: Method | str) -> Method:
@@ -121,13 +133,25 @@ def denoise(pet: np.ndarray, mr: np.ndarray | None, spacing: Sequence[float], pa
     fit = fit_conditional_dip(pet_f, mr_f, params, progress=progress,
                               snapshot_epochs=snapshot_epochs)
     timings = dict(fit.timings)
-    s_norm: np.ndarray | None = None
-    if m is Method.SDIP:
+    s_norm = guard = weight = None
+    guard_info: GuardResult | None = None
+    network = fit.output
+    if m.blends:
         if fit.stability is None:
             raise DenoiseInputError(
                 f"params: SDIP needs at least two stability samples, got {fit.n_samples}")
         t_blend = time.perf_counter()
-        denoised, s_norm = blend(pet_f, fit.output, fit.stability, params.alpha)
+        s_norm = normalised_stability(fit.stability, params.alpha)
+        weight = s_norm
+        if m is Method.SDIP:
+            if params.average and fit.sample_mean is not None:
+                network = fit.sample_mean
+            guard_info = data_guard(pet_f, network, sp, GuardParams(fwe=params.guard_fwe))
+            guard = guard_info.weight
+            weight = np.maximum(s_norm, guard)
+            log.debug("guard: threshold |T| > %.2f, %.2f %% of voxels kept by it",
+                      guard_info.threshold, 100.0 * float(np.mean(guard > 0)))
+        denoised = blend_weight(pet_f, network, weight)
         timings["blend"] = time.perf_counter() - t_blend
     else:
         denoised = fit.output
@@ -136,4 +160,6 @@ def denoise(pet: np.ndarray, mr: np.ndarray | None, spacing: Sequence[float], pa
     return DenoiseResult(method=m, params=params, denoised=denoised, dip=fit.output,
                          stability=fit.stability, stability_norm=s_norm,
                          loss_history=fit.loss_history, snapshots=fit.snapshots,
-                         timings=timings, device=fit.device, spacing=sp)
+                         timings=timings, device=fit.device, spacing=sp,
+                         network_image=network, guard=guard, data_weight=weight,
+                         guard_info=guard_info)

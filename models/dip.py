@@ -1,4 +1,4 @@
-"""Conditional deep image prior fit with the stability samples (docs/DESIGN.md "The method, exactly", 1-2).
+"""Conditional deep image prior fit with the stability samples (docs/METHOD.md, steps 1-2).
 
 The MR ``g`` is the network input and the OSEM PET ``x0`` the target:
 ``θ* = argmin_θ ||x0 − f(θ|g)||²`` by L-BFGS, one epoch = one ``optimizer.step(closure)``.
@@ -50,6 +50,8 @@ class DipFit:
     output: f(θ*|g), the network output after the last epoch (train() mode, as the samples).
     stability: S, the voxel-wise sample std (ddof=1) of the outputs at the sampled epochs,
         or None if there were fewer than two samples.
+    sample_mean: the voxel-wise mean of those same outputs (Welford's running mean; free,
+        since S needs it), or None without samples.
     n_samples: how many outputs entered S; sample_epochs: which epochs they came from.
     loss_history: one value per epoch: the MSE in normalised units at the start of that
         epoch's L-BFGS step (what ``LBFGS.step`` returns), so entry 0 is the untrained loss.
@@ -68,6 +70,7 @@ class DipFit:
     device: str
     sample_epochs: tuple[int, ...] = ()
     pet_scale: float = 1.0
+    sample_mean: np.ndarray | None = field(repr=False, default=None)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -169,6 +172,12 @@ def fit_conditional_dip(pet: np.ndarray, mr: np.ndarray, params: DipParams,
     The weights are initialised from ``params.seed`` on the CPU (so the start does not depend
     on the device) without touching the caller's global RNG; on CPU the fit is bit-identical
     for a given seed (and thread count).
+
+    ``params.input_jitter`` > 0 perturbs the network input during training (the DIP's
+    regularising input noise, Ulyanov et al. 2018): a fresh N(0, jitter²) field, drawn from
+    the seed, is added to the z-scored MR for each epoch and held fixed within it (L-BFGS's
+    line search needs one function per step); outputs for S, the mean and the result are
+    taken on the clean input.
     """
     t_start = time.perf_counter()
     pet, mr, snaps = _validate(pet, mr, params, snapshot_epochs)
@@ -186,6 +195,7 @@ def fit_conditional_dip(pet: np.ndarray, mr: np.ndarray, params: DipParams,
     x = torch.from_numpy(input_np)[None, None].to(device)
     y = torch.from_numpy(target_np)[None, None].to(device)
     optimizer = make_lbfgs(net.parameters(), params)
+    jitter_rng = torch.Generator().manual_seed(params.seed + 1) if params.input_jitter > 0 else None
 
     welford = Welford()
     history: list[float] = []
@@ -198,9 +208,14 @@ def fit_conditional_dip(pet: np.ndarray, mr: np.ndarray, params: DipParams,
     t_fit = time.perf_counter()
     with _deterministic(device.type == "cpu"):
         for epoch in range(1, params.epochs + 1):
-            def closure(epoch: int = epoch) -> torch.Tensor:
+            x_in = x
+            if jitter_rng is not None:
+                noise = torch.randn(x.shape, generator=jitter_rng) * params.input_jitter
+                x_in = x + noise.to(device)
+
+            def closure(epoch: int = epoch, x_in: torch.Tensor = x_in) -> torch.Tensor:
                 optimizer.zero_grad()
-                loss = F.mse_loss(net(x), y)
+                loss = F.mse_loss(net(x_in), y)
                 if not torch.isfinite(loss):
                     raise DipDivergedError(epoch, "the loss")
                 loss.backward()
@@ -230,9 +245,11 @@ def fit_conditional_dip(pet: np.ndarray, mr: np.ndarray, params: DipParams,
     if output is None:  # unreachable: the last epoch always sets it
         raise RuntimeError("conditional DIP produced no output")
     stability = welford.std(ddof=1).astype(np.float32) if welford.count >= 2 else None
+    sample_mean = welford.mean.astype(np.float32) if welford.count >= 1 else None
     fit_s = t_end - t_fit
     timings = {"setup": t_fit - t_start, "fit": fit_s, "per_epoch": fit_s / params.epochs,
                "sampling": t_sampling, "total": t_end - t_start}
     return DipFit(output=output, stability=stability, n_samples=welford.count,
                   loss_history=tuple(history), snapshots=snapshots, timings=timings,
-                  device=str(device), sample_epochs=tuple(sampled), pet_scale=scale)
+                  device=str(device), sample_epochs=tuple(sampled), pet_scale=scale,
+                  sample_mean=sample_mean)

@@ -8,7 +8,7 @@ settings, a QA re-run and the tests resolve parameters here, so the rules cannot
 - a preset (or a job's own parameters) with overrides on top;
 - ``epochs`` given without ``sample_from`` moves m to ``epochs // 2`` (at least 1): the
   stability map samples the second half of any fit (the paper's 100 of 200);
-- ``cdip`` is SDIP with alpha 0 (docs/DESIGN.md "The method, exactly"): it forces alpha to 0
+- ``cdip`` is the paper's SDIP with alpha 0 (docs/METHOD.md "4. Blend"): it forces alpha to 0
   and refuses another explicit alpha rather than ignoring it.
 
 Every bad value is a ValueError naming the field as ``DipParams.<field>``, which each caller
@@ -24,11 +24,17 @@ from typing import Any
 
 
 class Method(str, Enum):
-    """The denoising methods the node offers (docs/DESIGN.md "The method, exactly")."""
+    """The denoising methods the node offers (docs/METHOD.md "The method, exactly")."""
 
-    SDIP = "sdip"          # stability-weighted conditional DIP
-    CDIP = "cdip"          # plain conditional DIP (alpha = 0)
-    GAUSSIAN = "gaussian"  # OSEM + Gaussian post-filter
+    SDIP = "sdip"              # SDIP with the data-consistency guard (docs/METHOD.md)
+    SDIP_PAPER = "sdip-paper"  # the paper's SDIP exactly: last output, S-only blend
+    CDIP = "cdip"              # plain conditional DIP (alpha = 0)
+    GAUSSIAN = "gaussian"      # OSEM + Gaussian post-filter
+
+    @property
+    def blends(self) -> bool:
+        """Whether the method blends the network's image with the OSEM image."""
+        return self in (Method.SDIP, Method.SDIP_PAPER)
 
     @property
     def needs_mr(self) -> bool:
@@ -52,6 +58,12 @@ class DipParams:
     fwhm_voxels: Gaussian baseline FWHM in voxels.
     seed: seeds weight initialisation; the CPU fit is deterministic for a given seed.
     device: "auto" (CUDA when present), "cpu", "cuda" or "cuda:N".
+    input_jitter: std of the noise added to the z-scored MR input per epoch during training
+        (0: none, as the paper).
+    guard_fwe: the data-consistency guard's family-wise false-alarm probability per volume
+        (models/guard.py); method ``sdip`` only.
+    average: method ``sdip`` blends the mean of the sampled outputs (the ones S is the std
+        of) instead of the last one; ``sdip-paper`` and ``cdip`` always use the last.
     """
 
     epochs: int = 200
@@ -66,6 +78,9 @@ class DipParams:
     fwhm_voxels: float = 2.0
     seed: int = 0
     device: str = "auto"
+    input_jitter: float = 0.0
+    guard_fwe: float = 0.05
+    average: bool = True
 
     def __post_init__(self) -> None:
         def bad(name: str, expected: str) -> ValueError:
@@ -97,6 +112,12 @@ class DipParams:
             raise bad("depth", "an integer from 1 to 6")
         if not self.fwhm_voxels >= 0:
             raise bad("fwhm_voxels", "a number >= 0")
+        if not 0 < self.guard_fwe < 1:
+            raise bad("guard_fwe", "a probability 0 < p < 1")
+        if not isinstance(self.average, bool):
+            raise bad("average", "true or false")
+        if not self.input_jitter >= 0:
+            raise bad("input_jitter", "a number >= 0")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise bad("device", "'auto', 'cpu', 'cuda' or 'cuda:N'")
 
@@ -183,8 +204,20 @@ def resolve_params(*, preset_name: str | None = None, base: DipParams | None = N
 # -- parameters at rest -----------------------------------------------------------------------
 #: The format of :func:`params_record`. Bump it when a field is renamed or removed, or when a
 #: new field's default would change what an old record computed; :func:`params_from_record`
-#: then reads each older version as it ran.
-PARAMS_VERSION = 1
+#: and :func:`stored_method` then read each older version as it ran.
+#: 1: the paper's method under the name "sdip". 2: "sdip" is SDIP with the data-consistency
+#: guard and the mean of the sampled outputs (fields input_jitter, guard_fwe, average), the
+#: paper's method is "sdip-paper".
+PARAMS_VERSION = 2
+
+
+def stored_method(name: str, version: int) -> Method:
+    """The method a job stored under ``name`` with parameters format ``version`` ran: a format-1
+    "sdip" job ran the paper's method, so it reads back (and re-runs) as ``sdip-paper``."""
+    method = Method(name)
+    if version == 1 and method is Method.SDIP:
+        return Method.SDIP_PAPER
+    return method
 
 
 def params_record(params: DipParams) -> dict[str, Any]:

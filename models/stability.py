@@ -1,8 +1,9 @@
-"""The stability map and the blend (docs/DESIGN.md "The method, exactly", steps 2 and 3).
+"""The stability map and the blend (docs/METHOD.md steps 2 and 3).
 
 ``S = Std[f(θ_n | g)]`` over the sampled epochs is accumulated online with Welford's algorithm
 so that the fit never holds 21 volumes; ``blend`` turns S into the per-voxel weight of the
-OSEM image.
+OSEM image (the paper's blend); ``blend_weight`` applies any such weight, e.g. the guarded
+``w = max(S_norm, G)`` (models/guard.py).
 """
 from __future__ import annotations
 
@@ -100,3 +101,19 @@ def blend(x0: np.ndarray, f: np.ndarray, S: np.ndarray, alpha: float) -> tuple[n
     s_norm = normalised_stability(S, alpha)
     x = s_norm * x0 + (np.float32(1) - s_norm) * f
     return x.astype(np.float32, copy=False), s_norm
+
+
+def blend_weight(x0: np.ndarray, f: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """``x = w·x0 + (1 − w)·f`` for a per-voxel weight ``w`` in [0, 1]; float32.
+
+    ``w = 1`` voxels return x0 exactly and ``w = 0`` voxels f exactly.
+    """
+    x0 = np.asarray(x0, dtype=np.float32)
+    f = np.asarray(f, dtype=np.float32)
+    w = np.asarray(w, dtype=np.float32)
+    if not (x0.shape == f.shape == w.shape):
+        raise StabilityError(
+            f"blend_weight: expected x0, f and w of one shape, got {x0.shape}, {f.shape}, {w.shape}")
+    if not np.all((w >= 0) & (w <= 1)):
+        raise StabilityError("w: expected weights in [0, 1], got values outside")
+    return (w * x0 + (np.float32(1) - w) * f).astype(np.float32, copy=False)

@@ -1,4 +1,4 @@
-"""The 3-D U-Net of the conditional deep image prior (docs/DESIGN.md "The method, exactly").
+"""The 3-D U-Net of the conditional deep image prior (docs/DESIGN.md "The method").
 
 Levels of ``base·2^i`` channels (16/32/64/128 for the paper's base 16, depth 4) and a
 ``base·2^depth`` bottleneck (256). Each block is [Conv3d 3³ → norm → LeakyReLU]×2; a stride-2

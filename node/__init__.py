@@ -1,1 +1,2 @@
-"""node"""
+"""The service, by stage: ingest/ -> jobs/ -> delivery/, composed by server.py; cli/ on top;
+settings.py and wire.py beneath (docs/DESIGN.md "Module map")."""

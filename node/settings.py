@@ -337,19 +337,24 @@ class OutputSettings(_Section):
     series_number_pet: int | None = Field(1001, ge=0, le=2**31 - 1)
     series_number_map: int | None = Field(1002, ge=0, le=2**31 - 1)
     series_number_map_plain: int | None = Field(1003, ge=0, le=2**31 - 1)
+    # The data weight w (SDIP: how much of the measured value each voxel kept).
+    series_number_weight: int | None = Field(1004, ge=0, le=2**31 - 1)
+    series_number_weight_plain: int | None = Field(1005, ge=0, le=2**31 - 1)
     # The first word of every output's Series Description; routing rules (deploy/orthanc-route.lua)
     # match it so that outputs are not routed back. <= 32 leaves room in LO's 64 characters.
     description_prefix: str = Field("dipnode", max_length=32)
     research: bool = True  # label outputs as research until someone clears the device
 
-    @field_validator("series_number_pet", "series_number_map", "series_number_map_plain")
+    @field_validator("series_number_pet", "series_number_map", "series_number_map_plain",
+                     "series_number_weight", "series_number_weight_plain")
     @classmethod
     def _zero_is_none(cls, v: int | None) -> int | None:
         return v or None
 
     @model_validator(mode="after")
     def _distinct(self) -> "OutputSettings":
-        numbers = [n for n in (self.series_number_pet, self.series_number_map, self.series_number_map_plain) if n]
+        numbers = [n for n in (self.series_number_pet, self.series_number_map, self.series_number_map_plain,
+                               self.series_number_weight, self.series_number_weight_plain) if n]
         if len(numbers) != len(set(numbers)):
             raise ValueError(f"series numbers: expected distinct values, got {numbers!r}")
         if not self.series_number_pet:

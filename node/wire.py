@@ -2,20 +2,22 @@
 
 TLS contexts come from dicom_io/tls.py (PS3.15 B.1); they are built once, when the node starts,
 so a missing or unreadable key fails the start-up with the settings key named, not the first
-association.
+association. Each destination becomes a :class:`Route` (the peer and its TLS context) once, at
+start: a delivery looks its route up by the label it is stored under, nothing is parsed back.
 """
 from __future__ import annotations
 
 import ipaddress
 import ssl
-from typing import Any
+from dataclasses import dataclass
 
 from dipnode.dicom_io import tls
 from dipnode.dicom_io.scp import ReceiverConfig
+from dipnode.dicom_io.scu import Destination as Peer
 from dipnode.dicom_io.tls import TlsFileError
 from dipnode.node.settings import Settings, SettingsError
 
-__all__ = ["receiver_config", "receiver_tls", "sender_options", "sender_tls"]
+__all__ = ["Route", "client_tls", "destination_routes", "receiver_config", "receiver_tls", "sender_tls"]
 
 
 def _contexts_error(section: str, exc: TlsFileError) -> SettingsError:
@@ -70,21 +72,34 @@ def receiver_config(settings: Settings, tls: ssl.SSLContext | None = None) -> Re
     )
 
 
-def destination_uses_tls(settings: Settings, label: str | None) -> bool:
-    """Whether the destination ``label`` (``AET@HOST:PORT``) is sent to over TLS."""
+def _uses_tls(settings: Settings, own: bool | None) -> bool:
+    # A destination's or source's own tls overrides [sender] tls.
+    return own if own is not None else settings.sender.tls
+
+
+def client_tls(settings: Settings) -> ssl.SSLContext | None:
+    """The one client-side context for every destination and source reached over TLS (None
+    when none is): built once, at start."""
+    peers = [*settings.destinations, *settings.sources]
+    return sender_tls(settings) if any(_uses_tls(settings, p.tls) for p in peers) else None
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where a delivery goes: the peer, and the TLS context when it is reached over TLS."""
+
+    peer: Peer
+    tls: ssl.SSLContext | None
+
+
+def destination_routes(settings: Settings, tls: ssl.SSLContext | None) -> dict[str, Route]:
+    """Every ``[[destinations]]`` entry by the label its deliveries are stored under
+    (``AET@HOST:PORT``), with its peer and TLS context; ``tls`` is :func:`client_tls`."""
+    routes = {}
     for d in settings.destinations:
-        if d.label == label and d.tls is not None:
-            return d.tls
-    return settings.sender.tls
-
-
-def sender_options(settings: Settings, destination: str | None = None) -> dict[str, Any]:
-    """Keyword arguments for dicom_io.scu.send_files besides the files and the destination.
-
-    ``destination`` is the destination's label; its ``tls`` (else [sender] tls) picks TLS.
-    """
-    options: dict[str, Any] = {"calling_ae": settings.calling_ae,
-                               "timeout_s": settings.sender.timeout_s}
-    if destination_uses_tls(settings, destination):
-        options["tls"] = sender_tls(settings)
-    return options
+        ctx = tls if _uses_tls(settings, d.tls) else None
+        if _uses_tls(settings, d.tls) and ctx is None:
+            raise ValueError(f"destination_routes: destination {d.label} uses TLS, expected a client "
+                             "context (client_tls), got None")
+        routes[d.label] = Route(Peer(d.ae_title, d.host, d.port), ctx)
+    return routes

@@ -88,7 +88,7 @@ def node_settings(workdir: Path, *, port: int, destinations: Sequence[dict[str, 
 
 
 class NodeProcess:
-    """`python -m dipnode.node.cli serve --config ...`, polled ready by a real C-ECHO."""
+    """`python -m dipnode.node.cli.main serve --config ...`, polled ready by a real C-ECHO."""
 
     def __init__(self, config: Path, port: int, log_path: Path, timeout_s: float = 90.0, *,
                  echo_aet: str = "ECHOSCU", verbosity: str = "-v") -> None:
@@ -97,7 +97,7 @@ class NodeProcess:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "TCP_NODELAY": "1"}
         with open(log_path, "ab") as log:  # the child keeps its own descriptor
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "dipnode.node.cli", verbosity, "serve", "--config", str(config)],
+                [sys.executable, "-m", "dipnode.node.cli.main", verbosity, "serve", "--config", str(config)],
                 stdout=log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from dipnode.models.params import PRESETS, Method
-from dipnode.node.pipeline import series_descriptions
+from dipnode.node.jobs.pipeline import series_descriptions
 from dipnode.node.settings import OutputSettings, load_settings
 from peers import free_port
 
@@ -179,3 +179,15 @@ def test_container_health_check_passes_against_the_compose_settings(tmp_path: Pa
     r = subprocess.run(health, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert r.returncode == 1
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("dipnode health: error: C-ECHO"), r.stderr
+
+
+def test_every_package_is_installed_by_a_plain_pip_install() -> None:
+    # The container runs `pip install .`, which installs the packages pyproject.toml lists and
+    # nothing else: a sub-package missing there (node/jobs/ once was) breaks the image.
+    import tomllib
+
+    root = DEPLOY.parent
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {"dipnode." + ".".join(p.parent.relative_to(root).parts)
+             for top in ("node", "dicom_io", "models", "sim") for p in (root / top).rglob("__init__.py")}
+    assert found == listed

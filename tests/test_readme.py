@@ -23,7 +23,7 @@ from pydicom.uid import UID
 from dipnode.dicom_io.scp import DEFAULT_SOP_CLASSES, DEFAULT_TRANSFER_SYNTAXES, VERIFICATION, ReceiverConfig
 from dipnode.dicom_io.scu import PARAMETRIC_MAP_STORAGE
 from dipnode.models.params import PRESETS
-from dipnode.node.cli import build_parser
+from dipnode.node.cli.main import build_parser
 from dipnode.node.settings import NodeSettings, Settings, StorageSettings, load_settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -173,7 +173,7 @@ def test_http_defaults_and_metric_table_as_the_node_has_them(tmp_path: Path) -> 
     from prometheus_client.parser import text_string_to_metric_families
 
     from dipnode.node.jobs.store import Store
-    from dipnode.node.metrics import NodeMetrics
+    from dipnode.node.ops.metrics import NodeMetrics
 
     from dipnode.node.settings import HttpSettings
 

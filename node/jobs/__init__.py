@@ -1,1 +1,2 @@
-"""Jobs: the durable store, PET/MR matching, fetching a prior MR, the pipeline, and where jobs run."""
+"""Jobs: the durable store, PET/MR matching, fetching a prior MR, the pipeline, and the worker
+that schedules and runs jobs."""

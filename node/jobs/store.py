@@ -38,7 +38,8 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from dipnode.models.params import PARAMS_VERSION, DipParams, Method, params_from_record, params_record
+from dipnode.models.params import (PARAMS_VERSION, DipParams, Method, params_from_record, params_record,
+                                   stored_method)
 from dipnode.node.jobs.rows import (
     MOVES, DeliveryRow, DeliveryState, FetchRow, FetchState, InstanceRecord, JobRow, JobState,
     PLAIN_MOVES, KnownInstance, Move, ResumeReport, SeriesRow, SeriesState, StoreError,
@@ -401,12 +402,15 @@ class Store:
             "UPDATE jobs SET state = ?, progress = ?, reason = CASE WHEN ? THEN NULL ELSE coalesce(?, reason) END,"
             " updated_at = ?, mr_series_uid = CASE WHEN ? THEN NULL ELSE coalesce(?, mr_series_uid) END,"
             " method = coalesce(?, method), params_json = coalesce(?, params_json),"
-            " params_version = CASE WHEN ? IS NULL THEN params_version ELSE ? END,"
+            " params_version = CASE WHEN ? IS NULL AND ? IS NULL THEN params_version ELSE ? END,"
             " output_dir = coalesce(?, output_dir), attempts = attempts + ? WHERE id = ?",
             (target.value, progress, move is Move.RESENT, reason, now, clear_mr, mr_series_uid,
              None if method is None else _method(method, caller).value,
              None if params is None else _params_json(params, caller),
-             None if params is None else 1, PARAMS_VERSION, output_dir, int(move is Move.CLAIMED), job_id),
+             # a new method or parameters are written in today's format (a format-1 record
+             # reads the same in format 2 but for what "sdip" names)
+             None if method is None else 1, None if params is None else 1, PARAMS_VERSION,
+             output_dir, int(move is Move.CLAIMED), job_id),
         )
         # `dipnode serve` logs one line per job transition (UIDs stay at debug level).
         log.info("job %d: %s -> %s (%s)%s", job_id, old.value, target.value, move.value,
@@ -793,7 +797,7 @@ def _params_json(params: DipParams, caller: str) -> str:
 
 def _job(r: sqlite3.Row) -> JobRow:
     try:
-        method = Method(r["method"])
+        method = stored_method(r["method"], r["params_version"])
         params = params_from_record(json.loads(r["params_json"]), r["params_version"])
     except ValueError as exc:
         raise StoreError(f"job {r['id']}: its method or parameters cannot be read ({exc})") from None

@@ -136,3 +136,18 @@ def test_output_spec_validates() -> None:
         OutputSpec("1.2.3", -1, "d", "d", "seed", WHEN)
     long = OutputSpec("1.2.3", 1, "x" * 80, "d", "seed", WHEN)
     assert len(long.labelled_description) == 64 and long.labelled_description.endswith("[RESEARCH]")
+
+
+def test_units_override_for_a_map_that_is_not_activity(source: Volume, tmp_path: Path,
+                                                       dciodvfy_errors) -> None:
+    weight = np.linspace(0, 100, source.values.size).reshape(source.values.shape)
+    paths = write_derived_pet(source, weight, _spec("w"), tmp_path / "w", units="PCNT")
+    for path in paths:
+        assert dciodvfy_errors(path) == []
+    for k, path in enumerate(paths):  # in slice order; the loader refuses non-BQML PET
+        ds = dcmread(path)
+        assert ds.Units == "PCNT"
+        values = ds.pixel_array * float(ds.RescaleSlope)
+        assert np.max(np.abs(values - weight[k])) < 1e-2
+    with pytest.raises(DicomOutputError, match="units expected"):
+        build_derived_pet(source, weight, _spec(), units="SUV")

@@ -2,7 +2,7 @@
 length fields). Property: each path succeeds or raises one of its documented error types;
 never another exception, never a hang (hypothesis deadline + pytest timeout).
 
-Documented types: node/spool.read_header -> StoreRefused; dicom_io.series.read_files -> none
+Documented types: node/ingest/spool.read_header -> StoreRefused; dicom_io.series.read_files -> none
 (unreadable files are reported as skipped); dicom_io.series.load_volume -> DicomInputError.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from dipnode.dicom_io.errors import DicomInputError
 from dipnode.dicom_io.series import load_volume, read_files
 from dipnode.dicom_io.status import StoreRefused
-from dipnode.node.spool import InvalidUIDError, read_header
+from dipnode.node.ingest.spool import InvalidUIDError, read_header
 from peers import tiny_pet_files
 
 # No per-example deadline: on a shared 2-core machine a slow example is load, not a bug; a hang
@@ -92,7 +92,7 @@ def _loader_run(seeds: list[bytes], tmp_path: Path, allowed: tuple[type[BaseExce
 
 @pytest.mark.timeout(90)
 def test_series_loader_never_hangs_nor_escapes_exception(seeds: list[bytes], tmp_path: Path) -> None:
-    # What the node relies on today: node/server._run_job turns any Exception into a FAILED
+    # What the node relies on today: node/jobs/worker.Worker._run_job turns any Exception into a FAILED
     # job, so the loader must end (deadline) and raise nothing outside Exception.
     _loader_run(seeds, tmp_path, (Exception,))
 

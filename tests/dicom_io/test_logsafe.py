@@ -17,7 +17,7 @@ from craft import associate_rq, file_bytes, pet_dataset, write_file
 from dipnode.dicom_io.logsafe import SafeValuesFilter, shown
 from dipnode.dicom_io.scp import ReceiverConfig, start_receiver
 from dipnode.dicom_io.status import Status
-from dipnode.node.spool import Spool
+from dipnode.node.ingest.spool import Spool
 
 MAX_LINE = 1000
 

@@ -4,7 +4,7 @@ rejected association / context), one log line, and the next good store still suc
 Where each check lives (docs/DESIGN.md "The pipeline": the SCP handler never decodes pixels):
 - association / presentation context (pynetdicom, ReceiverConfig): calling AE, address,
   SOP class, transfer syntax -> A-ASSOCIATE-RJ or a rejected context, no DIMSE status at all;
-- spool header parse (node/spool.read_header, stop_before_pixels): truncation, wrong VRs,
+- spool header parse (node/ingest/spool.read_header, stop_before_pixels): truncation, wrong VRs,
   absurd lengths, unsafe UIDs -> CANNOT_UNDERSTAND; no Pixel Data tag in an image instance ->
   DATASET_DOES_NOT_MATCH_SOP_CLASS;
 - series loader (dicom_io/series.load_volume): pixel data shorter than Rows x Columns is only
@@ -25,7 +25,7 @@ from pynetdicom import AE, build_context
 from dipnode.dicom_io.scp import ReceiverConfig, start_receiver
 from dipnode.dicom_io.series import load_volume, read_files
 from dipnode.dicom_io.status import Status
-from dipnode.node.spool import Spool
+from dipnode.node.ingest.spool import Spool
 from nodeproc import wait_for
 from peers import tiny_pet_files
 

@@ -9,7 +9,8 @@ import pytest
 from pydicom import dcmread
 
 from dipnode.dicom_io.errors import DicomOutputError
-from dipnode.dicom_io.parametric_map import build_stability_map, write_stability_map
+from dipnode.dicom_io.parametric_map import (build_data_weight_map, build_stability_map,
+                                                write_data_weight_map, write_stability_map)
 from dipnode.dicom_io.provenance import OutputSpec
 from dipnode.dicom_io.series import load_series_dir
 from dipnode.dicom_io.uids import derive_uid
@@ -78,3 +79,38 @@ def test_map_rejects_bad_input(source: Volume) -> None:
         build_stability_map(source, np.ones((1, 2, 3)), SPEC)
     with pytest.raises(DicomOutputError, match="UCUM"):
         build_stability_map(source, np.ones(source.values.shape), SPEC, unit=("x", "99LOCAL", "x"))
+
+
+def test_data_weight_map_passes_dciodvfy_with_unit_one_and_labels(source: Volume, tmp_path: Path,
+                                                                  dciodvfy_errors) -> None:
+    weight = np.random.default_rng(2).random(source.values.shape).astype(np.float32)
+    weight[0] = 1.0  # a slice wholly kept from the measured data
+    weight[1, 0, 0] = 0.0
+    spec = OutputSpec(derive_uid("job-3", "weight"), 1004, "PET SDIP data weight",
+                      "SDIP data weight w = max(S_norm, G)", "job-3", WHEN, software_version="0.1.0")
+    path = write_data_weight_map(source, weight, spec, tmp_path / "weight", mr_reference_note="MR 1.2.3.4")
+    assert dciodvfy_errors(path) == []
+
+    ds = dcmread(path)
+    assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.30"
+    assert ds.ContentLabel == "DATAWEIGHT" and "data weight" in ds.ContentDescription
+    rwvm = ds.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0]
+    unit = rwvm.MeasurementUnitsCodeSequence[0]
+    assert (unit.CodeValue, unit.CodingSchemeDesignator, unit.CodeMeaning) == ("1", "UCUM", "no units")
+    assert rwvm.LUTLabel == "DATA_WEIGHT" and "OSEM" in rwvm.LUTExplanation
+    assert (rwvm.DoubleFloatRealWorldValueFirstValueMapped,
+            rwvm.DoubleFloatRealWorldValueLastValueMapped) == (0.0, 1.0)
+    ipps = np.array([[float(x) for x in h.ImagePositionPatient] for h in source.headers])
+    for f, frame in enumerate(ds.PerFrameFunctionalGroupsSequence):
+        ipp = np.array([float(x) for x in frame.PlanePositionSequence[0].ImagePositionPatient])
+        k = int(np.argmin(np.linalg.norm(ipps - ipp, axis=1)))
+        np.testing.assert_array_equal(ds.pixel_array[f], weight[k])
+    # its own instance, distinct from the stability map's of the same job
+    assert ds.SOPInstanceUID != build_stability_map(source, weight, SPEC).SOPInstanceUID
+    assert path.name == f"{ds.SOPInstanceUID}.dcm"
+
+
+def test_data_weight_map_rejects_values_outside_0_1(source: Volume) -> None:
+    bad = np.full(source.values.shape, 1.5, dtype=np.float32)
+    with pytest.raises(DicomOutputError, match=r"\[0, 1\]"):
+        build_data_weight_map(source, bad, SPEC)

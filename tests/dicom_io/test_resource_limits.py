@@ -16,7 +16,7 @@ from pynetdicom import AE, build_context
 from craft import deflate_bomb, write_file
 from dipnode.dicom_io.scp import ReceiverConfig, start_receiver
 from dipnode.dicom_io.status import Status
-from dipnode.node.spool import Spool
+from dipnode.node.ingest.spool import Spool
 from peers import run_storescu, storescu_statuses, tiny_pet_files
 
 

@@ -20,7 +20,7 @@ from dipnode.dicom_io.scp import (  # noqa: E402
     start_receiver,
 )
 from dipnode.dicom_io.status import Status, StoreRefused  # noqa: E402
-from dipnode.node.spool import Spool  # noqa: E402
+from dipnode.node.ingest.spool import Spool  # noqa: E402
 
 
 

@@ -98,10 +98,11 @@ def test_our_tls_sender_to_dcmtk_storescp(pki: Path, tmp_path: Path) -> None:
                      sender={"tls_ca": pki / "ca.pem", "tls_cert": pki / "client.pem",
                              "tls_key": pki / "client.key"})
         label = s.destinations[0].label
-        opts = wire.sender_options(s, label)
-        assert "tls" in opts
+        route = wire.destination_routes(s, wire.client_tls(s))[label]
+        assert route.tls is not None
         files = tiny_pet_files(tmp_path / "src", n=2)
-        report = send_files(files, Destination.parse(label), **opts)
+        report = send_files(files, route.peer, calling_ae=s.calling_ae, timeout_s=s.sender.timeout_s,
+                            tls=route.tls)
         assert report.all_ok, report
         assert len(list(out.iterdir())) == 2
         # The same destination with tls=false: DCMTK's TLS port refuses plain DICOM.
@@ -116,8 +117,9 @@ def test_destination_tls_overrides_sender_default(pki: Path) -> None:
     s = Settings(node={"allowed_calling_aets": ["*"]}, sender={"tls": True},
                  destinations=[{"ae_title": "A", "host": "127.0.0.1", "port": 1, "tls": False},
                                {"ae_title": "B", "host": "127.0.0.1", "port": 2}])
-    assert "tls" not in wire.sender_options(s, "A@127.0.0.1:1")
-    assert "tls" in wire.sender_options(s, "B@127.0.0.1:2")
+    routes = wire.destination_routes(s, wire.client_tls(s))
+    assert routes["A@127.0.0.1:1"].tls is None
+    assert routes["B@127.0.0.1:2"].tls is not None
 
 
 @pytest.mark.parametrize("node", [

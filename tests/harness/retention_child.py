@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from dipnode.node import retention
+from dipnode.node.ops import retention
 from dipnode.node.jobs.store import Store
 
 

@@ -32,6 +32,7 @@ import numpy as np
 import pydicom
 
 from dipnode.dicom_io.scu import Destination, send_files
+from dipnode.models.params import Method
 from dipnode.node.jobs.rows import JobRow, JobState
 from dipnode.node.jobs.store import Store
 from dipnode.sim.dicom_study import new_study, write_mr_series, write_pet_series
@@ -425,11 +426,12 @@ def run_soak(out: Path, *, kills: int, seed: int, studies: int, senders: int = 3
                  if st.pet_series_uid in with_job and st.pet_series_uid not in with_done]
     done = sum(1 for j in jobs if j.state is JobState.DONE)
     failed = sum(1 for j in jobs if j.state is JobState.FAILED)
-    # Each done job delivers a derived PET and a plain map per slice plus one Parametric Map;
-    # output UIDs are per job, so a job re-executed after a kill overwrites its own files.
-    # The Gaussian baseline writes the derived PET only.
-    pacs_expected = sum(slices if j.method.value == "gaussian" else 2 * slices + 1
-                        for j in jobs if j.state is JobState.DONE)
+    # Each done job delivers a derived PET and a plain stability map per slice plus its
+    # Parametric Map; the blending methods (sdip, sdip-paper) add the data weight, plain per
+    # slice and as a Parametric Map. Output UIDs are per job, so a job re-executed after a
+    # kill overwrites its own files. The Gaussian baseline writes the derived PET only.
+    per_job = {Method.GAUSSIAN: slices, Method.CDIP: 2 * slices + 1}
+    pacs_expected = sum(per_job.get(j.method, 3 * slices + 2) for j in jobs if j.state is JobState.DONE)
     if sink is not None and pacs_files != pacs_expected:
         problems.append(f"final: PACS holds {pacs_files} result instances, expected {pacs_expected}")
     removed = sum(int(m) for m in re.findall(r"recovered: (\d+) partial files removed",

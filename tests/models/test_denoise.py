@@ -7,7 +7,8 @@ import pytest
 from dipnode.models.denoise import DenoiseInputError, DenoiseResult, denoise
 from dipnode.models.gaussian import FWHM_PER_SIGMA, gaussian_filter_fwhm
 from dipnode.models.params import DipParams, Method, preset
-from dipnode.models.stability import blend
+from dipnode.models.guard import GuardParams, data_guard
+from dipnode.models.stability import blend, blend_weight
 
 PARAMS = preset("tiny").replace(max_iter=4, device="cpu")
 SPACING = (2.0, 2.5, 2.5)
@@ -30,18 +31,39 @@ def results():
     pet, mr = phantom()
     return {
         "sdip": denoise(pet, mr, SPACING, PARAMS, snapshot_epochs=(4,)),
+        "paper": denoise(pet, mr, SPACING, PARAMS, method="sdip-paper"),
         "cdip": denoise(pet, mr, SPACING, PARAMS, method="cdip"),
-        "sdip0": denoise(pet, mr, SPACING, PARAMS.replace(alpha=0.0), method=Method.SDIP),
+        "sdip0": denoise(pet, mr, SPACING, PARAMS.replace(alpha=0.0), method=Method.SDIP_PAPER),
         "pet": pet,
+        "mr": mr,
     }
 
 
-def test_sdip_is_the_blend_of_pet_and_dip_with_alpha(results):
-    r, pet = results["sdip"], results["pet"]
-    assert isinstance(r, DenoiseResult) and r.method is Method.SDIP
+def test_sdip_paper_is_the_blend_of_pet_and_the_last_output_with_alpha(results):
+    r, pet = results["paper"], results["pet"]
+    assert isinstance(r, DenoiseResult) and r.method is Method.SDIP_PAPER
     expected, s_norm = blend(pet, r.dip, r.stability, PARAMS.alpha)
     assert np.array_equal(r.denoised, expected)
     assert np.array_equal(r.stability_norm, s_norm)
+    assert r.network_image is r.dip and r.guard is None
+    assert np.array_equal(r.data_weight, s_norm)
+    # the same fit as SDIP's (same seed): only the post-fit steps differ
+    assert np.array_equal(r.dip, results["sdip"].dip)
+
+
+def test_sdip_blends_the_sample_mean_with_the_guarded_weight(results):
+    r, pet = results["sdip"], results["pet"]
+    assert isinstance(r, DenoiseResult) and r.method is Method.SDIP
+    assert PARAMS.average and not np.array_equal(r.network_image, r.dip)
+    _, s_norm = blend(pet, r.dip, r.stability, PARAMS.alpha)
+    assert np.array_equal(r.stability_norm, s_norm)
+    g = data_guard(pet, r.network_image, SPACING, GuardParams(fwe=PARAMS.guard_fwe)).weight
+    assert np.array_equal(r.guard, g)
+    assert np.array_equal(r.data_weight, np.maximum(s_norm, g))
+    assert np.array_equal(r.denoised, blend_weight(pet, r.network_image, r.data_weight))
+    # without averaging, the network image is the last output
+    last = denoise(pet, results["mr"], SPACING, PARAMS.replace(average=False))
+    assert last.network_image is last.dip
     assert np.all((r.stability_norm >= 0) & (r.stability_norm <= 1))
     assert 0 < r.stability_norm.mean() < 1  # the map really weights some voxels
     assert r.denoised.dtype == np.float32 and r.denoised.shape == pet.shape
@@ -55,7 +77,7 @@ def test_cdip_is_the_dip_output_and_sdip_alpha0_equals_it(results):
     assert c.method is Method.CDIP and c.stability_norm is None
     assert np.array_equal(c.denoised, c.dip)
     assert c.stability is not None  # still reported for the record
-    # Same seed: same fit; alpha = 0 makes SDIP plain conditional DIP, bit for bit.
+    # Same seed: same fit; alpha = 0 makes the paper's SDIP plain conditional DIP, bit for bit.
     assert np.array_equal(results["sdip"].dip, c.dip)
     assert np.array_equal(results["sdip0"].denoised, c.denoised)
 

@@ -15,7 +15,9 @@ Claims (Hashimoto et al. 2025):
    (alpha 0: the same fit, blended with alpha 0): not below cDIP's by more than 0.1 (see the
    test for why a tolerance), and at least 80 % of the OSEM image's.
 
-Measured (noise seeds 0 / 1 / 2): WM std OSEM 579 / 657 / 599, SDIP 263 / 365 / 170 Bq/ml;
+Measured with the paper's SDIP (now ``sdip-paper``; the test runs ``sdip``, which adds the
+data-consistency guard and blends the mean of the sampled outputs, see bench/FIDELITY.md
+for both measured side by side) (noise seeds 0 / 1 / 2): WM std OSEM 579 / 657 / 599, SDIP 263 / 365 / 170 Bq/ml;
 PVR SDIP 1.94 / 1.67 / 2.13 vs equal-noise Gaussian 1.38 / 1.42 / 1.40; lesion contrast
 OSEM 0.51 / 0.68 / 0.59, SDIP 0.55 / 0.67 / -0.14, cDIP 0.59 / 0.68 / -0.21. The test runs
 seed 0. Seed 2 shows the short fit's limit: the 20-epoch network never fits the lesion, so

@@ -61,7 +61,7 @@ def _jobs(db: Path):
 
 
 def _jobs_cli(cfg: Path) -> str:
-    out = subprocess.run([sys.executable, "-m", "dipnode.node.cli", "jobs", "--all", "--config", str(cfg)],
+    out = subprocess.run([sys.executable, "-m", "dipnode.node.cli.main", "jobs", "--all", "--config", str(cfg)],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     return out.stdout

@@ -14,7 +14,7 @@ import pytest
 from dipnode.dicom_io.series import load_volume, read_datasets, split_series
 from dipnode.dicom_io.suv import suv_bw_factor
 from dipnode.sim.study import PhantomStudy, write_phantom_study
-from peers import OrthancPeer, free_port
+from peers import OrthancPeer, dciodvfy_errors, free_port
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -23,7 +23,7 @@ def dipnode(*args: str, check: bool = False, env: dict[str, str] | None = None,
             ) -> subprocess.CompletedProcess[str]:
     # The user's environment without DIPNODE_* (a test must not read a developer's settings).
     base = {k: v for k, v in os.environ.items() if not k.startswith("DIPNODE_")}
-    result = subprocess.run([sys.executable, "-m", "dipnode.node.cli", *args],
+    result = subprocess.run([sys.executable, "-m", "dipnode.node.cli.main", *args],
                             capture_output=True, text=True, timeout=280, env={**base, **(env or {})})
     if check:
         assert result.returncode == 0, result.stdout + result.stderr
@@ -64,10 +64,7 @@ def test_denoise_sdip_keeps_shape_geometry_and_suv_scale(study: PhantomStudy, tm
     brain = study.phantom.masks["brain"]
     # Denoising moves voxels, not the scale: the brain's mean stays within a few percent.
     assert res.values[brain].mean() == pytest.approx(src.values[brain].mean(), rel=0.05)
-    maps = [p for p in out.rglob("*.dcm")
-            if pydicom.dcmread(p, stop_before_pixels=True).SOPClassUID == "1.2.840.10008.5.1.4.1.1.30"]
-    assert len(maps) == 1
-    # What the node sends, series by series: the plain map (1003) too, with the descriptions.
+    # What the node sends, series by series: the plain maps (1003, 1005) too, with the descriptions.
     series = {}
     for p in out.rglob("*.dcm"):
         h = pydicom.dcmread(p, stop_before_pixels=True)
@@ -76,7 +73,32 @@ def test_denoise_sdip_keeps_shape_geometry_and_suv_scale(study: PhantomStudy, tm
         (1001, "dipnode PET SDIP a0.6 [RESEARCH]", "pet"): 43,
         (1002, "dipnode stability map [RESEARCH]", "map"): 1,
         (1003, "dipnode stability map Bq/ml [RESEARCH]", "map-plain"): 43,
+        (1004, "dipnode data weight [RESEARCH]", "weight"): 1,
+        (1005, "dipnode data weight % [RESEARCH]", "weight-plain"): 43,
     }
+    maps = {ds.ContentLabel: (p, ds) for p in out.rglob("*.dcm")
+            if (ds := pydicom.dcmread(p, stop_before_pixels=True)).SOPClassUID
+            == "1.2.840.10008.5.1.4.1.1.30"}
+    assert set(maps) == {"STABILITY", "DATAWEIGHT"}  # two Parametric Map series
+    path, weight = maps["DATAWEIGHT"]
+    assert dciodvfy_errors(path) == []
+    assert "data weight" in weight.SeriesDescription
+    # the provenance carries the exact formula, guard included
+    derivation = res.headers[0].DerivationDescription
+    assert "w = max(S_norm, G)" in derivation and "x = w*x0 + (1-w)*f" in derivation
+    w = pydicom.dcmread(path).pixel_array
+    assert w.min() >= 0 and w.max() <= 1 and 0 < w.mean() < 1
+    assert "data weight map" in r.stdout
+
+
+@pytest.mark.slow
+def test_denoise_sdip_paper_is_the_papers_blend(study: PhantomStudy, tmp_path: Path) -> None:
+    out = tmp_path / "paper"
+    dipnode("denoise", str(study.pet_dir), str(study.mr_dir), "--out", str(out),
+            "--method", "sdip-paper", "--preset", "tiny", "--device", "cpu", check=True)
+    derivation = _volume(out / "pet").headers[0].DerivationDescription
+    assert "the paper's method" in derivation and "x = S_norm*x0 + (1-S_norm)*f" in derivation
+    assert "guard" not in derivation
 
 
 @pytest.mark.slow
@@ -200,13 +222,13 @@ def test_no_settings_says_what_was_searched(command: list[str], tmp_path: Path, 
     # Before: "settings: invalid settings (DIPNODE_* environment): node: expected a value,
     # got none (required)". In-process, so that the default path can point at a missing file
     # even on a host where /etc/dipnode/dipnode.toml exists.
-    from dipnode.node import cli, commands
+    from dipnode.node.cli import commands, main
 
     assert commands.DEFAULT_CONFIG == Path("/etc/dipnode/dipnode.toml")  # as the README says
     for k in [k for k in os.environ if k.startswith("DIPNODE_")]:
         monkeypatch.delenv(k)
     monkeypatch.setattr(commands, "DEFAULT_CONFIG", tmp_path / "dipnode.toml")
-    assert cli.main(command) == 1
+    assert main.main(command) == 1
     err = capsys.readouterr().err
     assert err == (f"dipnode {command[0]}: error: no settings file: --config not given, DIPNODE_CONFIG "
                    f"not set, {tmp_path / 'dipnode.toml'} does not exist. Give --config FILE (every "
@@ -214,7 +236,7 @@ def test_no_settings_says_what_was_searched(command: list[str], tmp_path: Path, 
     # The default path is read when it exists.
     _node_config(tmp_path).rename(tmp_path / "dipnode.toml")
     if command[0] == "jobs":
-        assert cli.main(command) == 0
+        assert main.main(command) == 0
 
 
 def test_jobs_before_the_node_ever_ran(tmp_path: Path) -> None:
@@ -313,7 +335,7 @@ def test_version() -> None:
 def test_every_option_has_help() -> None:
     import argparse
 
-    from dipnode.node.cli import build_parser
+    from dipnode.node.cli.main import build_parser
 
     parser = build_parser()
     parsers = {"dipnode": parser}

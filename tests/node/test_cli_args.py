@@ -12,7 +12,7 @@ from nodeproc import write_settings
 
 
 def dipnode(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "dipnode.node.cli", *args],
+    return subprocess.run([sys.executable, "-m", "dipnode.node.cli.main", *args],
                           capture_output=True, text=True, timeout=120)
 
 

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from dipnode.node.completion import complete_due, due_for_completion, expected_count, instance_record
+from dipnode.node.ingest.completion import complete_due, due_for_completion, expected_count, instance_record
 from dipnode.node.jobs.rows import InstanceRecord, JobState, SeriesState
 from dipnode.node.jobs.store import Store
 from dipnode.models.params import DipParams

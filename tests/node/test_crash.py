@@ -30,7 +30,7 @@ def test_kills_lose_no_acknowledged_instance_and_jobs_settle(tmp_path: Path) -> 
     assert r.jobs_done >= 4 and r.jobs_other == 0 and r.pet_series_without_job == 0
     # Every done job's results reached the PACS once (deterministic UIDs: a job re-run after a
     # kill overwrites its own outputs rather than adding a second result series).
-    assert r.pacs_files == r.pacs_expected == r.jobs_done * (2 * 16 + 1)
+    assert r.pacs_files == r.pacs_expected == r.jobs_done * (3 * 16 + 2)
 
 
 def test_check_state_finds_a_partial_file_and_a_lost_instance(tmp_path: Path) -> None:
@@ -139,7 +139,7 @@ def _pet_record(tmp_path: Path, n: int):
 
 
 def test_stable_age_does_not_count_the_time_the_node_was_down(tmp_path: Path) -> None:
-    from dipnode.node.completion import complete_due
+    from dipnode.node.ingest.completion import complete_due
     from dipnode.node.jobs.store import Store
 
     with Store.open(tmp_path / "db.sqlite") as store:

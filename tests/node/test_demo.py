@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from dipnode.node.demo import run_demo
+from dipnode.node.cli.demo import run_demo
 
 
 @pytest.mark.slow
@@ -26,11 +26,15 @@ def test_demo_writes_the_report(tmp_path: Path) -> None:
     # 16-bit DICOM round trip of what the PACS received against the fit's float output.
     diff = report["run"]["delivered SDIP (16-bit DICOM) vs the fit's float output (max abs diff / max)"]
     assert float(diff) < 1e-3
-    # Folders named for what they hold (before: one folder per UID): derived PET and plain map
-    # one file per slice, named by instance number; one Parametric Map.
+    # Folders named for what they hold (before: one folder per UID): derived PET, plain
+    # stability map and plain data weight one file per slice, named by instance number; two
+    # Parametric Maps.
     folders = {d.name: sorted(f.name for f in d.iterdir()) for d in (out / "dicom").iterdir()}
-    assert sorted(folders) == ["pet-sdip", "stability-map", "stability-map-plain"]
-    assert folders["pet-sdip"] == folders["stability-map-plain"] == [f"{i:04d}.dcm" for i in range(1, 44)]
-    assert folders["stability-map"] == ["0001.dcm"]
+    assert sorted(folders) == ["data-weight", "data-weight-plain", "pet-sdip", "stability-map",
+                               "stability-map-plain"]
+    assert folders["pet-sdip"] == folders["stability-map-plain"] == folders["data-weight-plain"] \
+        == [f"{i:04d}.dcm" for i in range(1, 44)]
+    assert folders["stability-map"] == folders["data-weight"] == ["0001.dcm"]
+    assert len(list((out / "dicom").rglob("*.dcm"))) == 3 * 43 + 2
     assert report["run"]["preset"] == "tiny"
     assert not (out / "work").exists()

@@ -78,7 +78,7 @@ def jobs(db: Path):
 
 
 def dipnode_jobs(cfg: Path) -> str:
-    r = subprocess.run([sys.executable, "-m", "dipnode.node.cli", "jobs", "--all", "--config", str(cfg)],
+    r = subprocess.run([sys.executable, "-m", "dipnode.node.cli.main", "jobs", "--all", "--config", str(cfg)],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     return r.stdout

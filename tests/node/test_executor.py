@@ -3,7 +3,7 @@ import time
 
 import pytest
 
-from dipnode.node.executor import Executor, ExecutorBusy, ExecutorClosed, LocalExecutor
+from dipnode.node.jobs.executor import Executor, ExecutorBusy, ExecutorClosed, LocalExecutor
 
 
 @pytest.mark.timeout(30)

@@ -75,7 +75,7 @@ def test_fuzzed_header_values_are_answered_and_acknowledged_means_indexed(target
     assert target.serving()
     # What was acknowledged is indexable again at start-up: nothing gets quarantined.
     assert target.restart() and target.serving()
-    jobs = subprocess.run([sys.executable, "-m", "dipnode.node.cli", "jobs", "--config", str(target.config)],
+    jobs = subprocess.run([sys.executable, "-m", "dipnode.node.cli.main", "jobs", "--config", str(target.config)],
                           capture_output=True, text=True, timeout=60)
     assert "quarantined" not in jobs.stdout, (jobs.stdout, seen)
 

@@ -12,7 +12,7 @@ import pydicom
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from dipnode.node.http import HttpConfig, HttpServer, csrf_token
+from dipnode.node.ops.http import HttpConfig, HttpServer, csrf_token
 from dipnode.node.jobs.rows import JobState
 from dipnode.node.server import Node
 from dipnode.node.settings import Settings, SettingsError, load_settings

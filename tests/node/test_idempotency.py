@@ -74,7 +74,7 @@ def test_same_study_twice_no_duplicates_and_rerun_gives_new_series(tmp_path: Pat
             assert _in_study(orthanc, study) == first, "a duplicate send produced new output"
             # An explicit re-run is a new job and a new output series.
             job_id = _jobs(db)[0].id
-            out = subprocess.run([sys.executable, "-m", "dipnode.node.cli", "rerun", str(job_id),
+            out = subprocess.run([sys.executable, "-m", "dipnode.node.cli.main", "rerun", str(job_id),
                                   "--config", str(cfg)], capture_output=True, text=True, timeout=60)
             assert out.returncode == 0, out.stdout + out.stderr
             wait_for(lambda: _idle(db, 3) and sum(_in_study(orthanc, study).values()) == 2 * n,

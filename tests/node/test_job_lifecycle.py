@@ -118,3 +118,19 @@ def test_a_version_3_database_migrates_and_its_jobs_read_as_they_ran(tmp_path: P
     db = sqlite3.connect(path)
     assert db.execute("SELECT params_version FROM jobs").fetchone()[0] == 1
     db.close()
+
+
+def test_a_format_1_sdip_job_reads_back_as_the_papers_method(tmp_path: Path) -> None:
+    # Parameters format 1 predates the data-consistency guard: its "sdip" was the paper's
+    # method, which is "sdip-paper" now; a format-2 "sdip" job stays the guarded one.
+    path = tmp_path / "f1.sqlite"
+    with Store(path) as s:
+        old = s.create_job(_series(s, "5.1"), method="sdip", params=DipParams(), now=0.0)
+        new = s.create_job(_series(s, "5.2"), method="sdip", params=DipParams(), now=0.0)
+    db = sqlite3.connect(path)
+    db.execute("UPDATE jobs SET params_version = 1 WHERE id = ?", (old.id,))
+    db.commit()
+    db.close()
+    with Store(path) as s:
+        assert s.job(old.id).method is Method.SDIP_PAPER
+        assert s.job(new.id).method is Method.SDIP

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pydicom
 import pytest
 
-from dipnode.node.completion import instance_record
+from dipnode.node.ingest.completion import instance_record
 from dipnode.node.server import Node
 from dipnode.node.settings import Settings
 from dipnode.node.jobs.rows import JobState
@@ -41,25 +41,25 @@ def _job(node: Node, exam: RealisticExam, state: JobState, *, no_mr: bool, metho
 def test_a_failed_job_is_rerun_once_by_an_eligible_mr(node, realistic_exam) -> None:
     ex = realistic_exam
     failed = _job(node, ex, JobState.FAILED, no_mr=True, method="sdip")
-    node._retrigger(node.store.series(ex.mr_series_uids["localizer"]), 3.0)  # never a prior
+    node.worker.retrigger(node.store.series(ex.mr_series_uids["localizer"]), 3.0)  # never a prior
     assert len(node.store.jobs()) == 1
-    node._retrigger(node.store.series(ex.mr_series_uids["t1"]), 3.0)
+    node.worker.retrigger(node.store.series(ex.mr_series_uids["t1"]), 3.0)
     jobs = node.store.jobs()
     assert len(jobs) == 2 and jobs[1].rerun_of == failed.id and jobs[1].state is JobState.WAITING_FOR_MR
     assert jobs[1].method == "sdip" and not jobs[1].no_mr
-    node._retrigger(node.store.series(ex.mr_series_uids["t2"]), 4.0)  # the rerun is waiting: nothing
+    node.worker.retrigger(node.store.series(ex.mr_series_uids["t2"]), 4.0)  # the rerun is waiting: nothing
     assert len(node.store.jobs()) == 2
 
 
 def test_a_queued_fallback_is_superseded_and_a_proper_job_left_alone(node, realistic_exam) -> None:
     ex = realistic_exam
     queued = _job(node, ex, JobState.QUEUED, no_mr=True)
-    node._retrigger(node.store.series(ex.mr_series_uids["t2"]), 3.0)
+    node.worker.retrigger(node.store.series(ex.mr_series_uids["t2"]), 3.0)
     old, new = node.store.jobs()
     assert old.id == queued.id and old.state is JobState.FAILED and "superseded by job" in old.reason
     assert new.rerun_of == queued.id
     # The re-run gets its MR and is queued: a later MR changes nothing.
     node.store.set_mr_choice(new.id, "chose MR ...", no_mr=False, now=5.0)
     node.store.transition(new.id, JobState.QUEUED, 5.0, mr_series_uid=ex.mr_series_uids["t1"])
-    node._retrigger(node.store.series(ex.mr_series_uids["t1"]), 6.0)
+    node.worker.retrigger(node.store.series(ex.mr_series_uids["t1"]), 6.0)
     assert len(node.store.jobs()) == 2

@@ -3,7 +3,7 @@ import dataclasses
 import pytest
 
 from dipnode.models.params import Method
-from dipnode.node.matching import DecisionKind, MatchRules, choose_mr, decide, rank_mr
+from dipnode.node.jobs.matching import DecisionKind, MatchRules, choose_mr, decide, rank_mr
 from dipnode.node.settings import Settings
 from dipnode.node.jobs.rows import SeriesRow, SeriesState
 
@@ -154,7 +154,7 @@ def test_mr_wait_does_not_count_the_nodes_downtime():
 
 from pydicom.dataset import Dataset  # noqa: E402
 
-from dipnode.node.matching import remote_candidate  # noqa: E402
+from dipnode.node.jobs.matching import remote_candidate  # noqa: E402
 from dipnode.node.jobs.rows import FetchRow, FetchState  # noqa: E402
 
 

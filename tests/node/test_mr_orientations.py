@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from dipnode.dicom_io.errors import GeometryError
-from dipnode.node.pipeline import PetMrPair, align, load_single_series
+from dipnode.node.jobs.pipeline import PetMrPair, align, load_single_series
 from dipnode.sim.exam import CORONAL, SAGITTAL, RealisticExam, head_extent, mr_image, write_mr_images
 
 

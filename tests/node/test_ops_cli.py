@@ -10,14 +10,14 @@ import pytest
 
 from dipnode.models.params import DipParams
 from dipnode.node.jobs.rows import JobState
-from dipnode.node.lock import WriterLock
+from dipnode.node.ingest.lock import WriterLock
 from nodeproc import NodeProcess, node_settings
 from peers import free_port
 from test_retention import Site
 
 
 def dipnode(*args: str, env: dict | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "dipnode.node.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "dipnode.node.cli.main", *args], capture_output=True, text=True,
                           timeout=120, env=env)
 
 

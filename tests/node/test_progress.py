@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import io
 
-from dipnode.node.progress import FitProgress, format_seconds
+from dipnode.node.cli.progress import FitProgress, format_seconds
 
 
 class Clock:

@@ -55,7 +55,7 @@ def test_start_up_quarantines_what_it_cannot_index_and_keeps_serving(tmp_path: P
     assert good.exists()
     text = log.read_text()
     assert text.count("quarantined") >= len(bad)
-    jobs = subprocess.run([sys.executable, "-m", "dipnode.node.cli", "jobs", "--config", str(cfg)],
+    jobs = subprocess.run([sys.executable, "-m", "dipnode.node.cli.main", "jobs", "--config", str(cfg)],
                           capture_output=True, text=True, timeout=60)
     assert jobs.returncode == 0, jobs.stderr
     assert f"quarantined: {len(bad)} files in {quarantine}" in jobs.stdout

@@ -9,8 +9,8 @@ import pytest
 from dipnode.models.params import DipParams
 from dipnode.node.jobs.rows import InstanceRecord, JobState, StoreError
 from dipnode.node.jobs.store import Store
-from dipnode.node.retention import DAY_S, Policy, Retention, format_dry_run, plan
-from dipnode.node.spool import Spool
+from dipnode.node.ops.retention import DAY_S, Policy, Retention, format_dry_run, plan
+from dipnode.node.ingest.spool import Spool
 
 T0 = 1_700_000_000.0
 POLICY = Policy(inputs_days=7, failed_days=30, outputs_days=3, emergency_free_bytes=0)
@@ -111,7 +111,7 @@ def test_sweep_deletes_files_then_rows_and_logs_one_line(site: Site, caplog) -> 
     thumbs.mkdir()
     (thumbs / f"job-{job}.png").write_bytes(b"png")
     r = Retention(site.store, site.spool.root, POLICY)
-    with caplog.at_level(logging.INFO, logger="dipnode.node.retention"):
+    with caplog.at_level(logging.INFO, logger="dipnode.node.ops.retention"):
         report = r.sweep(T0 + 8 * DAY_S)
     assert [rec.message for rec in caplog.records if "retention sweep" in rec.message].__len__() == 1
     assert (report.series, report.instances, report.outputs) == (3, 9, 1)

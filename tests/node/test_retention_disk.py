@@ -71,7 +71,7 @@ class SmallDiskNode:
         unshare = shutil.which("unshare")
         assert unshare, "unshare (util-linux) is required"
         script = (f"mount -t tmpfs -o size={DISK_MB}m tmpfs {self.spool} && "
-                  f"exec {sys.executable} -m dipnode.node.cli -v serve --config {cfg}")
+                  f"exec {sys.executable} -m dipnode.node.cli.main -v serve --config {cfg}")
         self.log = workdir / "node.log"
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen([unshare, "--user", "--map-root-user", "--mount", "sh", "-c", script],

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from dipnode.node.jobs.store import Store
-from dipnode.node.retention import DAY_S, Policy, Retention
+from dipnode.node.ops.retention import DAY_S, Policy, Retention
 from test_retention import T0, Site
 
 HERE = Path(__file__).resolve().parent.parent

@@ -12,9 +12,9 @@ import pytest
 from dipnode.dicom_io.scp import start_receiver
 from dipnode.dicom_io.status import Status, StoreRefused
 from dipnode.node import wire
-from dipnode.node.completion import instance_record
-from dipnode.node.matching import DecisionKind, decide
-from dipnode.node.retrieval import Retriever
+from dipnode.node.ingest.completion import instance_record
+from dipnode.node.jobs.matching import DecisionKind, decide
+from dipnode.node.jobs.retrieval import Retriever
 from dipnode.node.server import Node
 from dipnode.node.settings import Settings
 from dipnode.node.jobs.rows import FetchState, JobState

@@ -125,7 +125,7 @@ def test_two_patient_series_pushed_never_reaches_a_destination(tmp_path: Path) -
         received = [pydicom.dcmread(f, stop_before_pixels=True) for f in pacs.files()]
         assert {str(ds.PatientID) for ds in received} == {"PAT-9"}  # nothing of the mixed series
     assert "Patient ID" in job.reason and str(pydicom.dcmread(files[0]).SeriesInstanceUID) in job.reason
-    jobs = subprocess.run([sys.executable, "-m", "dipnode.node.cli", "jobs", "--all", "--config", str(cfg)],
+    jobs = subprocess.run([sys.executable, "-m", "dipnode.node.cli.main", "jobs", "--all", "--config", str(cfg)],
                           capture_output=True, text=True, timeout=60)
     assert "Patient ID" in jobs.stdout
     text = log.read_text() + jobs.stdout + jobs.stderr

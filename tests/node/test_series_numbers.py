@@ -45,6 +45,6 @@ def test_two_pet_series_of_one_study_get_distinct_numbers(tmp_path: Path) -> Non
             time.sleep(0.2)
         first, second = jobs
         assert _numbers(Path(first.output_dir)) == {1001}  # gaussian: the derived PET only
-        assert _numbers(Path(second.output_dir)) == {1004}  # span of 1001..1003 is 3
+        assert _numbers(Path(second.output_dir)) == {1006}  # span of 1001..1005 is 5
     finally:
         node.stop()

@@ -137,7 +137,7 @@ def test_node_killed_mid_job_resumes_and_loses_nothing(study: PhantomStudy, tmp_
             assert sum(len(store.series_instances(s)) for s in
                        (store.jobs()[0].pet_series_uid, store.jobs()[0].mr_series_uid)) == \
                 len(study.pet_files) + len(study.mr_files)
-        assert orthanc.instance_count() == 2 * len(study.pet_files) + 1
+        assert orthanc.instance_count() == 3 * len(study.pet_files) + 2
 
 
 def test_destination_down_then_up_gets_results(study: PhantomStudy, tmp_path: Path) -> None:
@@ -158,6 +158,6 @@ def test_destination_down_then_up_gets_results(study: PhantomStudy, tmp_path: Pa
         wait_for(failed_attempt, 240, "a failed delivery attempt while the PACS is down")
         with OrthancPeer(tmp_path / "orthanc", dicom_port=pacs_port) as orthanc:
             wait_for(lambda: job_states(db) == [JobState.DONE], 60, "delivery after the PACS came up")
-            assert orthanc.instance_count() == 2 * len(study.pet_files) + 1
+            assert orthanc.instance_count() == 3 * len(study.pet_files) + 2
     finally:
         node.stop()

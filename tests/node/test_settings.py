@@ -117,6 +117,17 @@ def test_zero_series_number_means_not_written(tmp_path):
     assert s.output.series_number_map_plain is None
 
 
+def test_data_weight_series_default_on_and_sdip_paper_selectable(tmp_path):
+    s = load_settings(write(tmp_path, MINIMAL))
+    assert (s.output.series_number_weight, s.output.series_number_weight_plain) == (1004, 1005)
+    assert s.method.name is Method.SDIP  # the guarded method by default
+    s = load_settings(write(tmp_path, MINIMAL + '[method]\nname = "sdip-paper"\n'
+                            '[output]\nseries_number_weight_plain = 0\n'))
+    assert s.method.name is Method.SDIP_PAPER and s.output.series_number_weight_plain is None
+    with pytest.raises(SettingsError, match="distinct"):
+        load_settings(write(tmp_path, MINIMAL + "[output]\nseries_number_weight = 1002\n"))
+
+
 def test_cdip_forces_alpha_zero_and_method_device_wins(tmp_path):
     body = MINIMAL + '[method]\nname = "cdip"\ndevice = "cpu"\n[workers]\ndevice = "cuda:1"\n'
     s = load_settings(write(tmp_path, body))
@@ -166,7 +177,7 @@ def test_example_file_loads_and_its_commented_defaults_are_the_defaults(tmp_path
 def test_epochs_in_toml_follow_the_same_rule_as_the_command_line(tmp_path):
     # Before: `[method] epochs = 50` with the paper preset failed (m = 100 > 50 epochs) while
     # `--epochs 50` worked (the CLI moved m to 25). One rule now (models.params.resolve_params).
-    from dipnode.node.commands import cli_params
+    from dipnode.node.cli.options import cli_params
 
     s = load_settings(write(tmp_path, MINIMAL + '[method]\npreset = "paper"\nepochs = 50\n'))
     assert (s.dip_params().epochs, s.dip_params().sample_from) == (50, 25)

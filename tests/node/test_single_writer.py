@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.network, pytest.mark.slow]
 
 
 def _serve(cfg: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "dipnode.node.cli", "serve", "--config", str(cfg)],
+    return subprocess.run([sys.executable, "-m", "dipnode.node.cli.main", "serve", "--config", str(cfg)],
                           capture_output=True, text=True, timeout=120)
 
 

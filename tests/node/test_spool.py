@@ -14,7 +14,7 @@ from peers import tiny_pet_files  # noqa: E402
 
 from dipnode.dicom_io.scp import ReceivedInstance  # noqa: E402
 from dipnode.dicom_io.status import Status, StoreRefused  # noqa: E402
-from dipnode.node.spool import InvalidUIDError, Spool, check_uid  # noqa: E402
+from dipnode.node.ingest.spool import InvalidUIDError, Spool, check_uid  # noqa: E402
 
 
 def _instance(path: Path, sop_instance_uid: str | None = None) -> ReceivedInstance:

@@ -66,7 +66,7 @@ def test_status_page_in_headless_chromium(status_node: StatusNode, tmp_path: Pat
     sn = status_node
     url = sn.url + "/"
     shot = tmp_path / "status-page.png"
-    with caplog.at_level(logging.DEBUG, logger="dipnode.node.http"):
+    with caplog.at_level(logging.DEBUG, logger="dipnode.node.ops.http"):
         result = chromium(tmp_path / "profile", f"--screenshot={shot}", url)
         assert result.returncode == 0, result.stderr[-2000:]
         dom = chromium(tmp_path / "profile2", "--dump-dom", url)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from dipnode.node.completion import instance_record
+from dipnode.node.ingest.completion import instance_record
 from dipnode.node.jobs.rows import FetchState, InstanceRecord, JobState, StoreError, TransitionError
 from dipnode.node.jobs.schema import MIGRATIONS, SCHEMA_VERSION
 from dipnode.node.jobs.store import Store
@@ -112,7 +112,7 @@ def test_a_version_1_database_migrates_and_keeps_its_rows(tmp_path):
 
 
 def test_dipnode_jobs_shows_the_choice_and_a_retrieval_under_way(store):
-    from dipnode.node.admin import jobs_table
+    from dipnode.node.cli.admin import jobs_table
 
     job = store.create_job("1.2.3.1", method="sdip", params=DipParams(), now=0.0, state=JobState.WAITING_FOR_MR)
     store.request_fetch(job.id, 1.0)

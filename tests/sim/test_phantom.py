@@ -7,12 +7,16 @@ from scipy import ndimage
 
 from dipnode.dicom_io.volume import Geometry
 from dipnode.sim.phantom import (
+    FIDELITY_LESIONS,
+    FIDELITY_REGION_MNI,
     GM_ACTIVITY,
     WM_ACTIVITY,
+    Lesion,
     Phantom,
     PhantomError,
     make_phantom,
     phantom_affine,
+    region_box,
 )
 
 ROIS = ("brain", "gm", "wm", "nuclei", "nucleus_left", "nucleus_right", "valley", "lesion",
@@ -136,3 +140,58 @@ def test_deterministic_and_seeded(p4: Phantom) -> None:
 def test_bad_arguments(kwargs: dict) -> None:
     with pytest.raises(PhantomError, match=next(iter(kwargs))):
         make_phantom(**kwargs)
+
+
+@pytest.fixture(scope="module")
+def fidelity() -> Phantom:
+    return make_phantom(2.0, lesions=FIDELITY_LESIONS, region_mni=FIDELITY_REGION_MNI)
+
+
+def test_fidelity_region_is_the_48x64x64_crop_holding_nuclei_and_lesions(fidelity: Phantom) -> None:
+    box = fidelity.region
+    assert tuple(sl.stop - sl.start for sl in box) == (48, 64, 64)
+    assert region_box(fidelity, FIDELITY_REGION_MNI) == box
+    inside = np.zeros(fidelity.shape, bool)
+    inside[box] = True
+    for name in ("nuclei", "valley", "lesions"):
+        assert (fidelity.masks[name] & ~inside).sum() == 0, name
+
+
+def test_fidelity_lesions_hot_and_cold_absent_from_mr(fidelity: Phantom) -> None:
+    assert len(fidelity.lesions) == 12
+    assert {(les.tissue, les.hot, les.diameter_mm) for les, _ in fidelity.lesions} == {
+        (t, h, d) for t in ("wm", "cortex") for h in (True, False) for d in (6.0, 8.0, 12.0)}
+    vox = float(np.prod(fidelity.spacing))
+    for les, _ in fidelity.lesions:
+        roi = fidelity.masks[f"lesion:{les.name}"]
+        bg = fidelity.masks[f"lesion_background:{les.name}"]
+        assert roi.any() and bg.sum() > 100, les.name
+        assert not (roi & bg).any()
+        c = fidelity.activity[roi].mean() / fidelity.activity[bg].mean()
+        # the uptake changes by the factor (up to partial volume at the edge and the tissue mix)
+        if les.hot:
+            assert c > 1 + 0.4 * (les.factor - 1), (les.name, c)
+        else:
+            assert c < 1 - 0.4 * (1 - les.factor), (les.name, c)
+        assert abs(fidelity.mr[roi].mean() / fidelity.mr[bg].mean() - 1) < 0.06, les.name
+        sphere = np.pi / 6 * les.diameter_mm ** 3
+        if les.tissue == "wm":  # whole sphere in white matter: the ROI is about its volume
+            assert 0.5 * sphere < roi.sum() * vox < 1.5 * sphere, les.name
+            assert (roi & fidelity.masks["gm"]).sum() == 0
+        else:  # the cortical ribbon: the ROI is the sphere's grey matter
+            assert roi.sum() * vox < 1.5 * sphere
+    # lesions and their rings stay out of the noise ROI and the nuclei
+    assert not (fidelity.masks["lesions"] & fidelity.masks["wm"]).any()
+    assert not (fidelity.masks["lesions"] & fidelity.masks["nuclei"]).any()
+
+
+def test_lesion_arguments_checked() -> None:
+    with pytest.raises(PhantomError, match="tissue"):
+        Lesion("x", "csf", 6.0, 2.0)
+    with pytest.raises(PhantomError, match="factor"):
+        Lesion("x", "wm", 6.0, 1.0)
+    with pytest.raises(PhantomError, match="region_mni"):
+        make_phantom(4.0, lesions=FIDELITY_LESIONS[:1], region_mni=((0, 0), (0, 10), (0, 10)))
+    with pytest.raises(PhantomError, match="no site left"):
+        # a 12 mm white-matter lesion cannot fit in a 20 mm box of cortex and CSF
+        make_phantom(4.0, lesions=FIDELITY_LESIONS[:1], region_mni=((50, 70), (-10, 10), (0, 20)))

@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from dipnode.models.params import Method
+
 log = logging.getLogger("dipnode")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -73,8 +75,10 @@ def _positive_float(text: str) -> float:
 
 def _add_method_args(p: argparse.ArgumentParser, *, defaults: str) -> None:
     g = p.add_argument_group(f"method (defaults: {defaults})")
-    g.add_argument("--method", choices=["sdip", "cdip", "gaussian"], default=None,
-                   help="sdip (default), cdip (plain conditional DIP) or gaussian (OSEM + Gaussian)")
+    g.add_argument("--method", choices=[m.value for m in Method], default=None,
+                   help="sdip (default: SDIP with the data-consistency guard), sdip-paper (the "
+                        "paper's method exactly), cdip (plain conditional DIP) or gaussian "
+                        "(OSEM + Gaussian)")
     g.add_argument("--preset", default=None,
                    help="paper (the paper's settings: a GPU job), fast (what the README measured on "
                         "a CPU) or tiny (tests)")
@@ -206,7 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _configure_logging(args.command, args.verbose)
     # Imports are deferred so that `dipnode --help` and `dipnode echo` do not load torch.
-    from dipnode.node import commands
+    from dipnode.node.cli import commands
 
     try:
         return commands.dispatch(args)

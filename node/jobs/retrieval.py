@@ -33,7 +33,7 @@ from dipnode.dicom_io.scp import ReceivedInstance
 from dipnode.dicom_io.scu import Destination as Peer
 from dipnode.dicom_io.status import Status
 from dipnode.node import wire
-from dipnode.node.matching import MatchRules, describe_mr, parse_date, rank_mr, remote_candidate
+from dipnode.node.jobs.matching import MatchRules, describe_mr, parse_date, rank_mr, remote_candidate
 from dipnode.node.settings import Settings, Source
 from dipnode.node.jobs.rows import FetchRow, FetchState, JobState, SeriesRow
 from dipnode.node.jobs.store import Store
@@ -47,13 +47,15 @@ class Retriever:
     """Works through due retrievals; ``step`` does one pass (tests call it directly)."""
 
     def __init__(self, settings: Settings, store: Store,
-                 on_store: Callable[[ReceivedInstance], Status]) -> None:
+                 on_store: Callable[[ReceivedInstance], Status], *,
+                 tls: ssl.SSLContext | None = None) -> None:
+        """tls: the node's client context (wire.client_tls), shared with its deliveries; when
+        not given it is built here, once, so unreadable certificates fail the start with the
+        key named."""
         self.settings = settings
         self.store = store
         self._on_store = on_store
-        # Built once, so unreadable certificates fail the node's start with the key named.
-        needs_tls = any(self._uses_tls(s) for s in settings.sources)
-        self._tls: ssl.SSLContext | None = wire.sender_tls(settings) if needs_tls else None
+        self._tls: ssl.SSLContext | None = tls if tls is not None else wire.client_tls(settings)
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None

@@ -36,7 +36,7 @@ from urllib.parse import parse_qs
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from dipnode.node.status_page import PageView, render
+from dipnode.node.ops.status_page import PageView, render
 
 log = logging.getLogger(__name__)
 

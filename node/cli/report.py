@@ -43,6 +43,8 @@ class ReportInputs:
     snapshots: Mapping[int, np.ndarray] = field(repr=False)  # DIP output per epoch
     masks: Mapping[str, np.ndarray] = field(repr=False)
     alpha: float = 0.6
+    # w in [0, 1]: the share of the measured OSEM value in each voxel of the delivered image
+    data_weight: np.ndarray | None = field(repr=False, default=None)
 
 
 def _pvr_noise(img: np.ndarray, masks: Mapping[str, np.ndarray]) -> tuple[float, float]:
@@ -107,6 +109,8 @@ def image_figure(r: ReportInputs, path: Path) -> Path:
     cols = [("MR (registered)", r.mr, "gray")]
     cols += [(name, img, "hot") for name, img in imgs.items() if "full dose" not in name]
     cols += [("stability map S (Bq/ml)", r.stability, "viridis")]
+    if r.data_weight is not None:
+        cols += [("data weight w (1 = OSEM kept)", r.data_weight, "gray")]
     rows = [("nuclei", _centre_slice(r.masks["nuclei"]), r.masks["nuclei"]),
             ("lesion", _centre_slice(r.masks["lesion"]), r.masks["lesion"])]
     vmax = float(np.percentile(r.full_dose[r.masks["brain"]], 99.5))
@@ -116,7 +120,8 @@ def image_figure(r: ReportInputs, path: Path) -> Path:
             ax = axes[i, j]
             sl = img[k]  # rows j run anterior -> posterior, columns i to the patient's left
             # (radiological view: the patient's left on the viewer's right)
-            kw = {"vmin": 0, "vmax": vmax} if cmap == "hot" else {}
+            kw = ({"vmin": 0, "vmax": vmax} if cmap == "hot"
+                  else {"vmin": 0, "vmax": 1} if cmap == "gray" and img is r.data_weight else {})
             ax.imshow(sl, cmap=cmap, **kw)
             ax.contour(roi[k], levels=[0.5], colors="cyan", linewidths=0.6)
             ax.set_xticks([]), ax.set_yticks([])

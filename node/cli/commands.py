@@ -1,4 +1,5 @@
-"""What each `dipnode` subcommand does, kept apart from argument parsing (cli.py).
+"""What each `dipnode` subcommand does, kept apart from argument parsing (main.py);
+what the options mean is options.py.
 
 Every mistake a user can make (a missing folder, a bad value, a peer that refuses) is raised
 as :class:`UserError` and printed by the CLI as one line naming what the user typed: the
@@ -17,79 +18,15 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from dipnode.models.params import DipParams, Method, resolve_params
+from dipnode.models.params import Method
+from dipnode.node.cli.options import (DEFAULT_PRESET, UserError, cli_params, describe_device, in_cli_words,
+                                      method_overrides)
 
 log = logging.getLogger(__name__)
 
 #: The settings file that serve, health, jobs, rerun and resend read without --config.
 CONFIG_ENV = "DIPNODE_CONFIG"
 DEFAULT_CONFIG = Path("/etc/dipnode/dipnode.toml")
-#: The preset of the one-shot commands (demo, denoise) unless --preset says otherwise: the
-#: one whose results and run time the README reports. The node's own default is in settings.
-DEFAULT_PRESET = "fast"
-
-
-class UserError(Exception):
-    """Bad input or an unreachable peer: printed as one line, exit status 1."""
-
-
-# DipParams field -> the option that sets it on the command line.
-_OPTION_OF_FIELD = {"alpha": "--alpha", "epochs": "--epochs", "sample_from": "--sample-from",
-                    "sample_every": "--sample-every", "fwhm_voxels": "--fwhm", "device": "--device",
-                    "seed": "--seed"}
-
-
-def method_overrides(args: argparse.Namespace) -> dict[str, object]:
-    """The DipParams fields given on the command line."""
-    return {field: getattr(args, opt.removeprefix("--").replace("-", "_"))
-            for field, opt in _OPTION_OF_FIELD.items()
-            if getattr(args, opt.removeprefix("--").replace("-", "_"), None) is not None}
-
-
-def in_cli_words(message: str) -> str:
-    """A parameter error as the user typed it: ``DipParams.fwhm_voxels`` -> ``--fwhm``,
-    ``epochs=3`` -> ``--epochs 3``."""
-    message = re.sub(r"^preset: ", "--preset: ", message)
-    message = re.sub(r"DipParams\.(\w+)", lambda m: _OPTION_OF_FIELD.get(m[1], m[1]), message)
-    message = re.sub(r"\b(\w+)=", lambda m: (f"{_OPTION_OF_FIELD[m[1]]} " if m[1] in _OPTION_OF_FIELD
-                                              else m[0]), message)
-    return message.removeprefix("DipParams: ")
-
-
-def cli_params(preset_name: str | None, overrides: dict[str, object], *,
-               base: DipParams | None = None, method: Method | None = None) -> DipParams:
-    """models.params.resolve_params (the one home of the rules), its errors in the words the
-    user typed; ``base`` (a job's parameters) unless a preset is named, else DEFAULT_PRESET."""
-    try:
-        return resolve_params(preset_name=preset_name or (None if base is not None else DEFAULT_PRESET),
-                              base=base, overrides=overrides, method=method)
-    except ValueError as exc:
-        raise UserError(in_cli_words(str(exc))) from None
-
-
-def describe_device(device: str, key: str = "--device") -> str:
-    """The torch device that ``device`` names, in words ("cpu", "cuda:0 (NVIDIA H200)").
-
-    Raises UserError naming ``key`` when it is not on this host, so that a command fails
-    before it does any work rather than at the first epoch.
-    """
-    import torch
-
-    from dipnode.models.dip import DeviceUnavailableError, resolve_device
-
-    try:
-        dev = resolve_device(device)
-    except DeviceUnavailableError:
-        if torch.cuda.is_available():
-            n = torch.cuda.device_count()
-            raise UserError(f"{key} {device}: this host has {n} CUDA device(s), cuda:0 to "
-                            f"cuda:{n - 1}") from None
-        build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
-        raise UserError(f"{key} {device}: no CUDA device on this host (torch {torch.__version__}, "
-                        f"{build}); use {key} cpu or {key} auto") from None
-    if dev.type == "cuda":
-        return f"{dev} ({torch.cuda.get_device_name(dev)})"
-    return str(dev)
 
 
 def dispatch(args: argparse.Namespace) -> int:
@@ -152,7 +89,7 @@ def _check_node_device(settings) -> str:
 
 # -- the node -------------------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
-    from dipnode.node.lock import NodeLocked, WriterLock
+    from dipnode.node.ingest.lock import NodeLocked, WriterLock
     from dipnode.node.server import serve
     from dipnode.node.settings import SettingsError
 
@@ -267,7 +204,7 @@ def _open_store(config: Path | None):
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
-    from dipnode.node.admin import jobs_table, quarantine_line
+    from dipnode.node.cli.admin import jobs_table, quarantine_line
 
     settings, store = _open_store(args.config)
     print(jobs_table(store, include_done=args.all))
@@ -282,8 +219,8 @@ def cmd_purge(args: argparse.Namespace) -> int:
     real sweep takes the node's writer lock, so it refuses while the node runs (the node
     sweeps by itself)."""
     from dipnode.node.jobs.store import Store
-    from dipnode.node.lock import NodeLocked, WriterLock
-    from dipnode.node.retention import Policy, Retention, format_dry_run
+    from dipnode.node.ingest.lock import NodeLocked, WriterLock
+    from dipnode.node.ops.retention import Policy, Retention, format_dry_run
 
     settings = load_node_settings(args.config)
     r, st = settings.retention, settings.storage
@@ -321,11 +258,11 @@ def _job_words(message: str) -> str:
 
 
 def cmd_rerun(args: argparse.Namespace) -> int:
-    from dipnode.node.admin import request_rerun
+    from dipnode.node.cli.admin import request_rerun
 
-    settings, store = _open_store(args.config)
+    _, store = _open_store(args.config)
     try:
-        new_id = request_rerun(store, settings, args.job, method=args.method,
+        new_id = request_rerun(store, args.job, method=args.method,
                                preset_name=args.preset, overrides=method_overrides(args))
     except (ValueError, KeyError) as exc:
         raise UserError(_job_words(in_cli_words(str(exc).strip("'\"")))) from None
@@ -334,7 +271,7 @@ def cmd_rerun(args: argparse.Namespace) -> int:
 
 
 def cmd_resend(args: argparse.Namespace) -> int:
-    from dipnode.node.admin import request_resend
+    from dipnode.node.cli.admin import request_resend
 
     _, store = _open_store(args.config)
     try:
@@ -346,22 +283,9 @@ def cmd_resend(args: argparse.Namespace) -> int:
 
 
 # -- one-shot commands ----------------------------------------------------------------------
-def output_options():
-    """The node's default output settings (series numbers 1001/1002/1003, labels), so that
-    `dipnode denoise` writes what the node sends."""
-    from dipnode.node.pipeline import OutputOptions
-    from dipnode.node.settings import OutputSettings
-
-    o = OutputSettings()
-    return OutputOptions(series_number_pet=o.series_number_pet or 0,
-                         series_number_map=o.series_number_map or 0,
-                         series_number_map_plain=o.series_number_map_plain or 0,
-                         description_prefix=o.description_prefix, research=o.research)
-
-
 def cmd_denoise(args: argparse.Namespace) -> int:
-    from dipnode.node import pipeline
-    from dipnode.node.progress import FitProgress
+    from dipnode.node.jobs import pipeline
+    from dipnode.node.cli.progress import FitProgress
 
     for name, folder in (("PET_DIR", args.pet_dir), ("MR_DIR", args.mr_dir)):
         if folder is not None and not folder.exists():
@@ -381,14 +305,15 @@ def cmd_denoise(args: argparse.Namespace) -> int:
         bar = FitProgress(params.epochs, method.value.upper(), device) if method.needs_mr else None
         try:
             result = pipeline.run(pet_paths, mr_paths, args.out, method=method, params=params,
-                                  options=output_options(), progress=bar)
+                                  options=pipeline.OutputOptions.from_settings(), progress=bar)
         finally:
             if bar is not None:
                 bar.close()
     except (ValueError, OSError) as exc:  # DicomInputError, AlignmentError, PipelineError, ...
         raise UserError(in_cli_words(str(exc))) from None
     folders = sorted({p.parent for p in result.files})
-    maps = f" and {len(result.map_files)} stability-map files" if result.map_files else ""
+    maps = f", {len(result.map_files)} stability-map files" if result.map_files else ""
+    maps += f", {len(result.weight_files)} data weight map files" if result.weight_files else ""
     print(f"wrote {len(result.pet_files)} derived PET files{maps} to {args.out}: "
           + ", ".join(f"{f.relative_to(args.out)}/" for f in folders))
     return 0
@@ -453,7 +378,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     # Before the phantom is built and pushed (and before the demo's imports): a device that
     # is not here fails at once.
     describe_device(args.device)
-    from dipnode.node.demo import DemoError, run_demo
+    from dipnode.node.cli.demo import DemoError, run_demo
 
     try:
         report = run_demo(args.out, preset_name=args.preset, voxel_mm=args.voxel_mm,

@@ -21,13 +21,13 @@ from dipnode.dicom_io.scp import DEFAULT_SOP_CLASSES
 from dipnode.dicom_io.scu import PARAMETRIC_MAP_STORAGE, Destination, send_files
 from dipnode.dicom_io.series import load_volume, read_datasets
 from dipnode.dicom_io.status import Status
-from dipnode.node import pipeline
-from dipnode.node.commands import DEFAULT_PRESET, cli_params, describe_device
-from dipnode.node.progress import FitProgress, format_seconds
-from dipnode.node.report import ReportInputs, write_report
+from dipnode.node.jobs import pipeline
+from dipnode.node.cli.options import DEFAULT_PRESET, cli_params, describe_device
+from dipnode.node.cli.progress import FitProgress, format_seconds
+from dipnode.node.cli.report import ReportInputs, write_report
 from dipnode.node.server import Node
 from dipnode.node.settings import Settings
-from dipnode.node.spool import Spool
+from dipnode.node.ingest.spool import Spool
 from dipnode.node.jobs.rows import JobState
 from dipnode.sim.study import write_phantom_study
 
@@ -81,9 +81,17 @@ def run_demo(out: Path, *, preset_name: str | None = None, voxel_mm: float | Non
         destinations=[{"ae_title": PACS_AET, "host": "127.0.0.1", "port": pacs.port}],
         http={"enabled": False},  # a node of a few minutes: no status page
     )
-    results: dict[int, pipeline.PipelineResult] = {}
+    # The node runs the pipeline as always; the demo also keeps DIP snapshots for its trade-off
+    # curves and the fit itself for the report.
+    results: list[pipeline.PipelineResult] = []
     snapshots = tuple(range(2, params.epochs + 1, max(1, params.epochs // 10)))
-    node = Node(settings, observer=results.__setitem__, snapshot_epochs=snapshots)
+
+    def run_and_keep(*args, **kwargs) -> pipeline.PipelineResult:
+        result = pipeline.run(*args, snapshot_epochs=snapshots, **kwargs)
+        results.append(result)
+        return result
+
+    node = Node(settings, run=run_and_keep)
     node.start()
     try:
         say(f"[2/5] pushing {len(study.pet_files)} PET + {len(study.mr_files)} MR images to "
@@ -111,7 +119,7 @@ def run_demo(out: Path, *, preset_name: str | None = None, voxel_mm: float | Non
     pet_files = [f for f, h in zip(files, headers)
                  if int(h.SeriesNumber) == settings.output.series_number_pet]
     sdip_vol = load_volume(read_datasets(pet_files), modality="PT")
-    run = results[job.id]  # the node's own fit, kept in memory for the curves
+    [run] = results  # the node's own fit (its one job), kept in memory for the curves
     fit, pet = run.denoised, run.pet
     # What the PACS got (16-bit DICOM, read back) against the fit's float output.
     agreement = float(np.max(np.abs(fit.denoised - sdip_vol.values)) / np.max(np.abs(fit.denoised)))
@@ -122,7 +130,8 @@ def run_demo(out: Path, *, preset_name: str | None = None, voxel_mm: float | Non
     folders = copy_named(files, headers, dicom_out, output_folder_names(settings, "sdip"))
     inputs = ReportInputs(mr=run.mr_on_pet, osem=pet.values, full_dose=study.osem_full_dose,
                           dip=fit.dip, stability=fit.stability, sdip=sdip_vol.values,
-                          snapshots=fit.snapshots, masks=study.phantom.masks, alpha=params.alpha)
+                          snapshots=fit.snapshots, masks=study.phantom.masks, alpha=params.alpha,
+                          data_weight=fit.data_weight)
     notes = {
         "preset": preset_name, "device": fit.device, "epochs": params.epochs,
         "network": f"U-Net base {params.base_channels}, depth {params.depth}",
@@ -147,7 +156,8 @@ def output_folder_names(settings: Settings, method: str) -> dict[int, str]:
     holds, so that a reader of the report finds the derived PET and the maps without UIDs."""
     o = settings.output
     names = {o.series_number_pet: f"pet-{method}", o.series_number_map: "stability-map",
-             o.series_number_map_plain: "stability-map-plain"}
+             o.series_number_map_plain: "stability-map-plain", o.series_number_weight: "data-weight",
+             o.series_number_weight_plain: "data-weight-plain"}
     return {n: name for n, name in names.items() if n}
 
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from dipnode.models.params import Method
 from dipnode.models.trust import brain_mask, trust_numbers
-from dipnode.node.pipeline import PipelineResult
+from dipnode.node.jobs.pipeline import PipelineResult
 
 __all__ = ["summary", "summary_line", "write_thumbnails"]
 
@@ -27,7 +27,9 @@ def summary(result: PipelineResult, run_seconds: float) -> dict:
     """A JSON-safe dict: trust numbers, registration, method, timings, device."""
     d = result.denoised
     osem = result.pet.values
-    trust = trust_numbers(osem, d.denoised, d.stability_norm, blends=result.method is not Method.GAUSSIAN)
+    # The weight the blend gave the measured value (SDIP: max(S_norm, guard); the paper's SDIP:
+    # S_norm); plain conditional DIP takes none of it (0), the Gaussian is no blend (n/a).
+    trust = trust_numbers(osem, d.denoised, d.data_weight, blends=result.method is not Method.GAUSSIAN)
     a = result.alignment
     registration = None if a is None else {
         "method": a.method, "metric": _finite(a.metric), "overlap_fraction": _finite(a.overlap_fraction)}
@@ -64,7 +66,8 @@ def _slice_index(osem: np.ndarray) -> int:
 
 def write_thumbnails(result: PipelineResult, path: Path) -> Path:
     """One PNG: the same axial slice of the OSEM image, the output and the data-weight map
-    (SDIP: the OSEM weight S_norm, 0-1; conditional DIP: the stability map S); Gaussian: two."""
+    (the blending methods: the weight w of the measured value, 0-1; conditional DIP: the
+    stability map S); Gaussian: two."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on a server
@@ -76,8 +79,8 @@ def write_thumbnails(result: PipelineResult, path: Path) -> Path:
     panels = [("OSEM", osem[k], "gray_r", (0, float(np.percentile(osem, 99.9)) or 1.0)),
               (f"output ({result.method.value})", d.denoised[k], "gray_r",
                (0, float(np.percentile(osem, 99.9)) or 1.0))]
-    if d.stability_norm is not None:
-        panels.append(("data weight (S_norm)", d.stability_norm[k], "magma", (0, 1)))
+    if d.data_weight is not None:
+        panels.append(("data weight w", d.data_weight[k], "magma", (0, 1)))
     elif d.stability is not None:
         panels.append(("stability S (Bq/ml)", d.stability[k], "magma",
                        (0, float(np.percentile(d.stability, 99.5)) or 1.0)))

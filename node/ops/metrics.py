@@ -20,7 +20,6 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from dipnode.dicom_io.status import Status
-from dipnode.node.jobs.rows import JobState
 from dipnode.node.jobs.store import Store
 
 __all__ = ["NodeMetrics", "status_label"]
@@ -84,8 +83,6 @@ class NodeMetrics:
             ["status"], registry=r)
         self.series_completed = Counter(
             "dipnode_series_completed", "Series found complete, by modality.", ["modality"], registry=r)
-        self.jobs_finished = Counter(
-            "dipnode_jobs_finished", "Jobs that reached done or failed.", ["state"], registry=r)
         self.mr_wait_seconds = Histogram(
             "dipnode_mr_wait_seconds", "From a job's creation to its queueing (waiting for the MR).",
             registry=r, buckets=_WAIT_BUCKETS)
@@ -115,10 +112,16 @@ class NodeMetrics:
         else:
             self.instances_refused.labels(status=status_label(status)).inc()
 
-    def swept(self, report) -> None:  # node.retention.SweepReport
+    def attempt(self, seconds: float | None, outcome: str) -> None:
+        """One delivery attempt (node/delivery/sender.py): "sent", "retry" or "dead"."""
+        if seconds is not None:
+            self.send_seconds.observe(seconds)
+        if outcome == "retry":
+            self.sender_retries.inc()
+        elif outcome == "dead":
+            self.dead_letters_total.inc()
+
+    def swept(self, report) -> None:  # node.ops.retention.SweepReport
         self.retention_sweeps.labels(kind=report.kind).inc()
         self.retention_freed.inc(report.bytes_freed)
         self.retention_series.inc(report.series)
-
-    def finished(self, state: JobState) -> None:
-        self.jobs_finished.labels(state=state.value).inc()

@@ -1,0 +1,1 @@
+"""Delivery: results go back to the destinations, with retries and dead letters."""
