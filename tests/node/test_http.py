@@ -111,7 +111,7 @@ def test_healthz(status_node: StatusNode, tmp_path: Path) -> None:
                         storage={"spool_dir": tmp_path / "spool", "database": tmp_path / "db.sqlite",
                                  "min_free_mb": 0})
     node = Node(settings)
-    server = HttpServer(HttpConfig(port=0), node)
+    server = HttpServer(HttpConfig(port=0), node.http.site)
     server.start()
     try:
         status, _, body = get(f"http://127.0.0.1:{server.port}/healthz")
@@ -122,7 +122,7 @@ def test_healthz(status_node: StatusNode, tmp_path: Path) -> None:
 
 
 def test_token_required_when_set_bearer_or_basic(status_node: StatusNode) -> None:
-    server = HttpServer(HttpConfig(port=0, token="reader-token-0123456789"), status_node.node)
+    server = HttpServer(HttpConfig(port=0, token="reader-token-0123456789"), status_node.node.http.site)
     server.start()
     try:
         url = f"http://127.0.0.1:{server.port}"
