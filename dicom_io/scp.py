@@ -293,9 +293,11 @@ def _rejection(source: int | None, diagnostic: int | None, calling: str, called:
 class _Handlers:
     """Event handlers bound to one receiver; counts instances per association for the log."""
 
-    def __init__(self, config: ReceiverConfig, on_store: OnStore) -> None:
+    def __init__(self, config: ReceiverConfig, on_store: OnStore,
+                 on_status: Callable[[int], None] | None = None) -> None:
         self._config = config
         self._on_store = on_store
+        self._on_status = on_status
         self._lock = threading.Lock()
         self._counts: dict[int, int] = {}
         self._opened: dict[int, float] = {}
@@ -442,6 +444,15 @@ class _Handlers:
                 self._oversize[(id(event.assoc), int(message_id))] = finished[1]
 
     def c_store(self, event: Event) -> int:
+        status = self._c_store(event)
+        if self._on_status is not None:
+            try:
+                self._on_status(status)
+            except Exception:  # noqa: BLE001 - counting never changes the answer
+                log.exception("on_status failed")
+        return status
+
+    def _c_store(self, event: Event) -> int:
         assoc = event.assoc
         request = event.request
         calling = self._calling(assoc)
@@ -618,8 +629,10 @@ class Receiver:
         self.stop()
 
 
-def start_receiver(config: ReceiverConfig, on_store: OnStore) -> Receiver:
-    """Start a non-blocking SCP for ``config``; every C-STORE goes to ``on_store``."""
+def start_receiver(config: ReceiverConfig, on_store: OnStore,
+                   on_status: Callable[[int], None] | None = None) -> Receiver:
+    """Start a non-blocking SCP for ``config``; every C-STORE goes to ``on_store``, and the
+    status answered to each (refusals before ``on_store`` included) to ``on_status``."""
     ae = AE(ae_title=config.ae_title)
     ae.maximum_pdu_size = config.max_pdu_length
     ae.maximum_associations = config.max_associations
@@ -634,7 +647,7 @@ def start_receiver(config: ReceiverConfig, on_store: OnStore) -> Receiver:
         ae.add_supported_context(sop_class, list(config.offered_transfer_syntaxes))
     ae.add_supported_context(VERIFICATION, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
 
-    handlers = _Handlers(config, on_store)
+    handlers = _Handlers(config, on_store, on_status)
     # AE.start_server(block=False) with our server class (AE.make_server's documented hook).
     server = ae.make_server((config.host, config.port), evt_handlers=handlers.bindings(),
                             ssl_context=config.tls, server_class=_Server, config=config)

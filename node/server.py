@@ -6,7 +6,10 @@
   PET to MR and starts jobs on the executor; the retriever (node/jobs/retrieval.py), when
   [[sources]] are set, fetches a prior MR from the PACS;
 - delivery (node/delivery/sender.py): the same thread sends results back, by routes built
-  once at start (node/wire.py).
+  once at start (node/wire.py);
+- ops (node/ops/): the same thread runs retention's sweeps (node/ops/retention.py); metrics
+  are counted through callbacks given to the parts above; the HTTP port (status page,
+  /metrics, /healthz) has its own threads.
 
 This module is the only place that wires the parts together. All state lives in the store, so
 a restart resumes where it stopped. One writer: the node takes an exclusive lock on its spool
@@ -35,6 +38,10 @@ from dipnode.node.jobs import pipeline
 from dipnode.node.jobs.retrieval import Retriever
 from dipnode.node.jobs.store import Store
 from dipnode.node.jobs.worker import Runner, Worker
+from dipnode.node.ops.http import HttpConfig, HttpServer
+from dipnode.node.ops.metrics import NodeMetrics
+from dipnode.node.ops.retention import Policy, Retention, SweepReport
+from dipnode.node.ops.site import NodeSite
 from dipnode.node.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -64,17 +71,43 @@ class Node:
             self._lock.release()
             raise
         self._stop = threading.Event()
-        self.receiver = Receiver(spool, self.store)
+        spool_dir = Path(settings.storage.spool_dir)
+        # Running for months: metrics, retention, the HTTP port (node/ops/).
+        self.metrics = NodeMetrics(lambda: self.store, spool_dir)
+        self.thumbnails = spool_dir / "thumbnails"
+        r = settings.retention
+        self.retention = Retention(
+            self.store, spool_dir,
+            Policy(inputs_days=r.inputs_days, failed_days=r.failed_days, outputs_days=r.outputs_days,
+                   emergency_free_bytes=settings.emergency_free_mb * 1024 * 1024),
+            outputs_dir=spool_dir / "outputs", thumbnails_dir=self.thumbnails,
+            on_sweep=self._swept) if r.enabled else None
+        self._next_sweep = 0.0
+        self._last_sweep: str | None = None
+        self.receiver = Receiver(spool, self.store,
+                                 make_room=self.retention.emergency if self.retention else None)
         # Prior MR from the PACS ([[sources]]); its thread starts once the receiver listens
         # (a C-MOVE's sub-operations come to the receiver).
         self.retriever = (Retriever(settings, self.store, self.receiver.on_store, tls=client_tls)
                           if settings.sources else None)
-        self.delivery = Delivery(settings, self.store, routes, self._stop)
-        self.worker = Worker(settings, self.store, Path(settings.storage.spool_dir) / "outputs",
+        self.delivery = Delivery(settings, self.store, routes, self._stop, on_attempt=self.metrics.attempt)
+        self.worker = Worker(settings, self.store, spool_dir / "outputs",
                              hand_over=self.delivery.hand_over, stopping=self._stop,
-                             retriever=self.retriever, run=run)
+                             retriever=self.retriever, run=run, thumbnails=self.thumbnails,
+                             on_queued=self.metrics.mr_wait_seconds.observe,
+                             on_computed=lambda method, s: self.metrics.fit_seconds.labels(method=method).observe(s))
         self._listener = None
         self._scheduler: threading.Thread | None = None
+        h = settings.http
+        self.http = HttpServer(
+            HttpConfig(host=h.host, port=h.port, token=h.token, admin_token=h.admin_token, refresh_s=h.refresh_s),
+            NodeSite(ae_title=settings.node.ae_title, store=self.store, spool_root=spool_dir,
+                     min_free_bytes=spool.min_free_bytes, thumbnails=self.thumbnails,
+                     registry=self.metrics.registry, refresh_s=h.refresh_s,
+                     emergency_below_bytes=self.retention.policy.emergency_free_bytes if self.retention else None,
+                     last_sweep=lambda: self._last_sweep,
+                     scheduler_alive=lambda: (self._scheduler is not None and self._scheduler.is_alive()
+                                              and not self._stop.is_set()))) if h.enabled else None
 
     @property
     def spool(self) -> Spool:
@@ -91,6 +124,10 @@ class Node:
     # -- life cycle ------------------------------------------------------------------------
     def start(self) -> None:
         removed = self.spool.recover()
+        if self.retention is not None:
+            # A sweep killed between its steps is finished before the spool is scanned for
+            # unindexed files (node/ops/retention.py): its files are never indexed again.
+            self.retention.finish_interrupted()
         self.receiver.index_orphans()
         now = time.time()
         resumed = self.store.resume_after_restart(now)
@@ -103,13 +140,15 @@ class Node:
                 # in Worker._run_job): without this the job would wait for a delivery that never comes.
                 log.info("job %d was sending with no deliveries recorded: handing it over now", job_id)
                 self.delivery.hand_over(job_id, self.store.job(job_id).output_dir or "", now)
-        self._listener = start_receiver(self._receiver_config, self.receiver.on_store)
+        self._listener = start_receiver(self._receiver_config, self.receiver.on_store, self.metrics.stored)
         # Series interrupted by the downtime get a full stable age from now (completion.is_due).
         self.worker.listening_since = time.time()
         self._scheduler = threading.Thread(target=self._loop, name="dipnode-scheduler", daemon=True)
         self._scheduler.start()
         if self.retriever is not None:
             self.retriever.start()
+        if self.http is not None:
+            self.http.start()
         log.info("dipnode %s listening as %s on %s:%d", software_version(),
                  self.settings.node.ae_title, self.settings.node.host, self.port)
 
@@ -121,6 +160,8 @@ class Node:
         """Stop receiving and scheduling; a running fit stops at its next epoch and stays
         RUNNING in the store, so the next start re-queues it."""
         self._stop.set()
+        if self.http is not None:
+            self.http.stop()
         if self.retriever is not None:
             self.retriever.stop()
         if self._listener is not None:
@@ -145,9 +186,26 @@ class Node:
         matches and starts jobs, then the due deliveries are sent."""
         for done in complete_due(self.store, now, self.settings.series.stable_age_s,
                                  self.worker.listening_since):
+            self.metrics.series_completed.labels(modality=done.series.modality).inc()
             self.worker.series_complete(done.series, now, rerun=done.rerun)
         self.worker.step(now)
         self.delivery.deliver(now)
+        self._retain(now)
+
+    def _retain(self, now: float) -> None:
+        """Retention: the emergency sweep as soon as the spool is below its emergency mark,
+        the scheduled sweep every sweep_interval_s."""
+        if self.retention is None:
+            return
+        self.retention.emergency()
+        if now >= self._next_sweep:
+            self._next_sweep = now + self.settings.retention.sweep_interval_s
+            self.retention.sweep(now)
+
+    def _swept(self, report: SweepReport) -> None:
+        self.metrics.swept(report)
+        self._last_sweep = (f"{time.strftime('%Y-%m-%d %H:%M:%S')} ({report.kind}): {report.series} series, "
+                            f"{report.outputs} results, {report.bytes_freed / 1048576:.1f} MB")
 
 
 def serve(settings: Settings) -> int:

@@ -32,7 +32,7 @@ from dipnode.dicom_io.vr import check_ae_title
 from dipnode.models.params import PRESETS, DipParams, Method, resolve_params
 
 __all__ = [
-    "Destination", "MatchingSettings", "MethodSettings", "NodeSettings", "OutputSettings",
+    "Destination", "HttpSettings", "MatchingSettings", "RetentionSettings", "MethodSettings", "NodeSettings", "OutputSettings",
     "RetrieveSettings", "SenderSettings", "SeriesSettings", "Source", "Settings", "SettingsError", "StorageSettings",
     "WorkersSettings", "example_settings_toml", "load_settings",
 ]
@@ -134,6 +134,53 @@ class StorageSettings(_Section):
     database: Path = Path("/var/lib/dipnode/dipnode.sqlite")
     # Below this free space the SCP answers "out of resources" rather than half-write a file.
     min_free_mb: int = Field(1024, ge=0)
+
+
+class RetentionSettings(_Section):
+    """What the node deletes and when (node/retention.py). Ages count from when the last job
+    using a series finished (or, for a series no job used, from its last instance)."""
+
+    enabled: bool = True
+    inputs_days: float = Field(7.0, gt=0, allow_inf_nan=False)  # received files of done jobs
+    failed_days: float = Field(30.0, gt=0, allow_inf_nan=False)  # ... of failed jobs: look, re-run
+    outputs_days: float = Field(7.0, gt=0, allow_inf_nan=False)  # results kept on disk, thumbnails
+    sweep_interval_s: float = Field(3600.0, ge=10, allow_inf_nan=False)
+    # Below this much free space the oldest finished inputs and results go at once, whatever
+    # their age, before [storage] min_free_mb refuses stores. None: twice min_free_mb.
+    emergency_free_mb: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _order(self) -> "RetentionSettings":
+        if self.failed_days < self.inputs_days:
+            raise ValueError(f"failed_days: expected >= inputs_days ({self.inputs_days:g}), got {self.failed_days:g}")
+        return self
+
+
+_LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+class HttpSettings(_Section):
+    """The status page, /metrics and /healthz (node/http.py)."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"  # loopback: only this host sees it; anything else needs a token
+    port: int = Field(8480, ge=0, le=65535)  # 0: the OS picks (tests)
+    # Required when host is not loopback: Authorization: Bearer <token>, or the basic-auth password.
+    token: str | None = Field(None, min_length=16)
+    # Set to allow re-run and re-send from the page (/admin, basic-auth password); else read-only.
+    admin_token: str | None = Field(None, min_length=16)
+    refresh_s: int = Field(15, ge=2, le=3600)
+
+    @model_validator(mode="after")
+    def _access(self) -> "HttpSettings":
+        if self.enabled and self.host not in _LOOPBACK and not self.token:
+            raise ValueError(f"token: expected a token of 16 or more characters when host is not loopback "
+                             f"(the status page and metrics would be open to the network), got none for "
+                             f"host {self.host!r}")
+        if self.token is not None and self.token == self.admin_token:
+            raise ValueError("admin_token: expected a token other than token (readers would be administrators), "
+                             "got the same")
+        return self
 
 
 class SeriesSettings(_Section):
@@ -457,6 +504,8 @@ class Settings(BaseSettings):
     sources: list[Source] = []
     retrieve: RetrieveSettings = RetrieveSettings()
     workers: WorkersSettings = WorkersSettings()
+    retention: RetentionSettings = RetentionSettings()
+    http: HttpSettings = HttpSettings()
 
     @classmethod
     def settings_customise_sources(
@@ -484,6 +533,20 @@ class Settings(BaseSettings):
         if dupes:
             raise ValueError(f"sources: expected distinct AET@HOST:PORT entries, got duplicates {dupes!r}")
         return self
+
+    @model_validator(mode="after")
+    def _emergency_mark(self) -> "Settings":
+        mark = self.retention.emergency_free_mb
+        if mark is not None and mark <= self.storage.min_free_mb:
+            raise ValueError(f"retention.emergency_free_mb: expected more than storage.min_free_mb "
+                             f"({self.storage.min_free_mb}, where stores are refused), got {mark}")
+        return self
+
+    @property
+    def emergency_free_mb(self) -> int:
+        """The free-space mark of the emergency sweep: [retention] emergency_free_mb, else
+        twice [storage] min_free_mb (at least 1 MB)."""
+        return self.retention.emergency_free_mb or max(2 * self.storage.min_free_mb, 1)
 
     @property
     def calling_ae(self) -> str:

@@ -1,7 +1,15 @@
 """Shared fixtures: a realistic PET/CT study and MR exam (sim/exam.py), written once per session."""
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# Every node a test starts (in this process or as `dipnode serve`, which inherits the
+# environment) takes a free HTTP port for its status page and metrics rather than the default
+# 8480: tests run beside other nodes. A test that needs a port gives it as a constructor
+# argument, which overrides the environment (node/settings.py).
+os.environ["DIPNODE_HTTP__PORT"] = "0"
 
 from dipnode.sim.exam import RealisticExam, write_realistic_exam
 

@@ -1,5 +1,5 @@
 """The layout shows the architecture and keeps its arrows one way (docs/DESIGN.md "Module map"):
-node -> dicom_io, models; inside node, cli -> server -> ingest, delivery -> jobs -> settings,
+node -> dicom_io, models; inside node, cli -> server -> ops -> ingest, delivery -> jobs -> settings,
 wire; no import loop between modules, lazy imports inside functions included."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("node", "dicom_io", "models", "sim")
 
 # Within node/: each part may import the parts to its right only (and itself).
-NODE_LAYERS = [("cli",), ("server",), ("ingest", "delivery"), ("jobs",), ("wire",), ("settings",)]
+NODE_LAYERS = [("cli",), ("server",), ("ops",), ("ingest", "delivery"), ("jobs",), ("wire",), ("settings",)]
 
 
 def module_name(path: Path, root: Path = ROOT) -> str:

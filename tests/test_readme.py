@@ -156,7 +156,7 @@ def test_container_commands_as_the_compose_file_documents_them() -> None:
 # -- settings examples ----------------------------------------------------------------------
 def test_every_toml_example_loads(tmp_path: Path) -> None:
     blocks = fenced("toml")
-    assert len(blocks) == 4  # query/retrieve sources, listening, TLS, Ray
+    assert len(blocks) == 6  # query/retrieve sources, listening, TLS, retention, the HTTP port, Ray
     loaded = []
     for i, block in enumerate(blocks):
         data = tomllib.loads(block)
@@ -168,11 +168,48 @@ def test_every_toml_example_loads(tmp_path: Path) -> None:
                      else '[node]\nallowed_calling_aets = ["PACS"]\n\n' + block)
         path.write_text(block)
         loaded.append(load_settings(path))
-    sources, listening, tls, ray = loaded
+    sources, listening, tls, retention, http, ray = loaded
+    # The retention block is the defaults, as the README says.
+    assert retention.retention == Settings(node={"allowed_calling_aets": ["PACS"]}).retention
+    assert retention.emergency_free_mb == 2 * retention.storage.min_free_mb
+    assert http.http.host == "0.0.0.0" and http.http.token and http.http.refresh_s == 15
+    assert (ray.workers.executor, ray.workers.ray_address, ray.workers.ray_unreachable) == ("ray", "ray-head:6379", "wait")
     assert sources.sources[0].retrieve == "move" and sources.retrieve.retries == 3
     assert listening.node.host == "0.0.0.0" and listening.node.allowed_calling_aets == ["ORTHANC", "PETMR1"]
     assert tls.node.tls_enabled and tls.node.tls_require_client_cert and tls.sender.tls
-    assert (ray.workers.executor, ray.workers.ray_address, ray.workers.ray_unreachable) == ("ray", "ray-head:6379", "wait")
+
+
+def test_http_defaults_and_metric_table_as_the_node_has_them(tmp_path: Path) -> None:
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from dipnode.node.jobs.store import Store
+    from dipnode.node.ops.metrics import NodeMetrics
+
+    from dipnode.node.settings import HttpSettings
+
+    h = HttpSettings()  # the section's defaults (tests/conftest.py moves the port through the environment)
+    assert "on by default at `http://127.0.0.1:8480/`" in README
+    assert (h.enabled, h.host, h.port) == (True, "127.0.0.1", 8480)
+    with Store.open(tmp_path / "db.sqlite") as store:
+        metrics = NodeMetrics(lambda: store, tmp_path)
+        metrics.instances_refused.labels(status="0xA700").inc()  # labelled families show once used
+        metrics.series_completed.labels(modality="PT").inc()
+        metrics.fit_seconds.labels(method="sdip").observe(1)
+        metrics.retention_sweeps.labels(kind="scheduled").inc()
+        exposed = set()
+        for family in text_string_to_metric_families(generate_latest(metrics.registry).decode()):
+            kind = family.type
+            for sample in family.samples:
+                name = sample.name
+                if kind == "histogram":
+                    name = family.name
+                elif name.endswith("_created"):
+                    continue
+                exposed.add(name)
+    in_readme = {m for m in re.findall(r"(?m)^\| `(dipnode_\w+)", section("Operations"))}
+    # The GPU gauge appears only on CUDA (this test runs where there may be none).
+    assert in_readme - {"dipnode_gpu_memory_peak_bytes"} == exposed
 
 
 # -- database backup and restore, on a running node, as written ------------------------------

@@ -1,13 +1,12 @@
-"""What an operator asks of a node's store: the jobs table, a QA re-run, a re-send."""
+"""What an operator asks of a node's store: the jobs table, the quarantine line; a QA re-run
+and a re-send are node/jobs/actions.py (the status page asks them too)."""
 from __future__ import annotations
 
-import time
 from datetime import datetime
 from pathlib import Path
 
-from dipnode.models.params import Method, resolve_params
-from dipnode.node.settings import Settings
 from dipnode.node.jobs.rows import JobState
+from dipnode.node.jobs.actions import request_rerun, request_resend  # noqa: F401 - the CLI's
 from dipnode.node.jobs.store import Store
 
 
@@ -50,26 +49,3 @@ def quarantine_line(spool_dir: Path) -> str | None:
         return None
     return (f"quarantined: {n} files in {folder} (spool files that could not be indexed at "
             "start-up; see the node's log for each reason)")
-
-
-def request_rerun(store: Store, settings: Settings, job_id: int, *, method: str | None,
-                  preset_name: str | None, overrides: dict[str, object]) -> int:
-    """Queue a new job for the same PET (new output series), with other parameters if given."""
-    old = store.job(job_id)
-    chosen = Method(method or old.method)
-    params = resolve_params(preset_name=preset_name, base=old.params,
-                            overrides=overrides, method=chosen)
-    needs_wait = chosen.needs_mr and old.mr_series_uid is None
-    job = store.create_job(old.pet_series_uid, method=chosen, params=params,
-                           now=time.time(), mr_series_uid=old.mr_series_uid, rerun=True,
-                           state=JobState.WAITING_FOR_MR if needs_wait else JobState.QUEUED)
-    return job.id
-
-
-def request_resend(store: Store, job_id: int) -> int:
-    """Make a job's dead deliveries pending again; returns how many."""
-    store.job(job_id)  # a clear error for an unknown job
-    n = store.reset_dead(job_id, time.time())
-    if n == 0:
-        raise ValueError(f"job {job_id} has no dead deliveries to re-send")
-    return n

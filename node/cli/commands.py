@@ -33,7 +33,7 @@ def dispatch(args: argparse.Namespace) -> int:
     handler = {
         "denoise": cmd_denoise, "serve": cmd_serve, "health": cmd_health, "send": cmd_send,
         "echo": cmd_echo, "jobs": cmd_jobs, "rerun": cmd_rerun, "resend": cmd_resend,
-        "demo": cmd_demo,
+        "demo": cmd_demo, "purge": cmd_purge,
     }[args.command]
     return handler(args)
 
@@ -180,6 +180,24 @@ def cmd_health(args: argparse.Namespace) -> int:
     if not result.ok:
         raise UserError(f"C-ECHO {dest} as {calling}: {result.message}")
     print(f"C-ECHO {dest} as {calling}: success")
+    h = settings.http
+    if h.enabled and h.port:
+        # The node's own checks (database writable, spool above its mark, scheduler alive).
+        import urllib.error
+        import urllib.request
+
+        http_host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "[::1]"}.get(h.host, h.host)
+        if ":" in http_host and not http_host.startswith("["):
+            http_host = f"[{http_host}]"
+        url = f"http://{http_host}:{h.port}/healthz"
+        try:
+            with urllib.request.urlopen(url, timeout=args.timeout) as r:
+                body = r.read().decode("utf-8", "replace").strip()
+        except urllib.error.HTTPError as exc:
+            raise UserError(f"{url}: {exc.code}: {exc.read().decode('utf-8', 'replace').strip()}") from None
+        except (urllib.error.URLError, OSError) as exc:
+            raise UserError(f"{url}: {getattr(exc, 'reason', exc)}") from None
+        print(f"{url}: {body}")
     return 0
 
 
@@ -205,6 +223,45 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_purge(args: argparse.Namespace) -> int:
+    """Retention by hand: --dry-run reads the database only (safe while the node runs); a
+    real sweep takes the node's writer lock, so it refuses while the node runs (the node
+    sweeps by itself)."""
+    from dipnode.node.jobs.store import Store
+    from dipnode.node.ingest.lock import NodeLocked, WriterLock
+    from dipnode.node.ops.retention import Policy, Retention, format_dry_run
+
+    settings = load_node_settings(args.config)
+    r, st = settings.retention, settings.storage
+    db = Path(st.database)
+    if not db.is_file():
+        raise UserError(f"storage.database {db}: no such file (has `dipnode serve` run with "
+                        "these settings? Give the same --config as the node's)")
+    policy = Policy(inputs_days=r.inputs_days, failed_days=r.failed_days, outputs_days=r.outputs_days,
+                    emergency_free_bytes=settings.emergency_free_mb * 1024 * 1024)
+    spool = Path(st.spool_dir)
+    if args.dry_run:
+        with Store.open_readonly(db) as store:
+            retention = Retention(store, spool, policy)
+            print(format_dry_run(retention.dry_run(emergency=args.emergency), store))
+        return 0
+    try:
+        lock = WriterLock.for_node(spool, db)
+    except NodeLocked as exc:
+        raise UserError(f"{exc}; the running node sweeps by itself every retention.sweep_interval_s "
+                        "(use --dry-run to see what is due)") from None
+    try:
+        with Store.open(db) as store:
+            retention = Retention(store, spool, policy)
+            retention.finish_interrupted()
+            report = retention.sweep(emergency=args.emergency)
+    finally:
+        lock.release()
+    print(f"deleted {report.series} series ({report.instances} instances) and the results of "
+          f"{report.outputs} jobs: {report.bytes_freed / 1048576:.1f} MB")
+    return 0
+
+
 def _job_words(message: str) -> str:
     return re.sub(r"^job: ", "JOB: ", message)  # the argument as `dipnode rerun --help` names it
 
@@ -212,9 +269,9 @@ def _job_words(message: str) -> str:
 def cmd_rerun(args: argparse.Namespace) -> int:
     from dipnode.node.cli.admin import request_rerun
 
-    settings, store = _open_store(args.config)
+    _, store = _open_store(args.config)
     try:
-        new_id = request_rerun(store, settings, args.job, method=args.method,
+        new_id = request_rerun(store, args.job, method=args.method,
                                preset_name=args.preset, overrides=method_overrides(args))
     except (ValueError, KeyError) as exc:
         raise UserError(_job_words(in_cli_words(str(exc).strip("'\"")))) from None

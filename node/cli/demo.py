@@ -79,6 +79,7 @@ def run_demo(out: Path, *, preset_name: str | None = None, voxel_mm: float | Non
         matching={"mr_wait_s": 120.0, "fallback": "fail", "mr_grace_s": 0.0},
         method={"name": "sdip", "preset": preset_name, "device": device},
         destinations=[{"ae_title": PACS_AET, "host": "127.0.0.1", "port": pacs.port}],
+        http={"enabled": False},  # a node of a few minutes: no status page
     )
     # The node runs the pipeline as always; the demo also keeps DIP snapshots for its trade-off
     # curves and the fit itself for the report.

@@ -167,6 +167,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, default=None, metavar="FILE", help=CONFIG_HELP)
     _add_method_args(p, defaults="the job's own")
 
+    p = sub.add_parser("purge", help="delete what retention says may go ([retention]); --dry-run lists it",
+                       description="Deletes the received files of finished jobs, and the results "
+                                   "they kept, once older than [retention] inputs_days, failed_days "
+                                   "and outputs_days; never anything an unfinished job needs. The "
+                                   "node does this itself every sweep_interval_s; without --dry-run "
+                                   "this command needs the node stopped.")
+    p.add_argument("--config", type=Path, default=None, metavar="FILE", help=CONFIG_HELP)
+    p.add_argument("--dry-run", action="store_true", help="list what would go, delete nothing")
+    p.add_argument("--emergency", action="store_true",
+                   help="as the emergency sweep: the oldest finished first whatever their age, "
+                        "until the spool is above retention.emergency_free_mb")
+
     p = sub.add_parser("resend", help="deliver a job's results again (clears dead letters)")
     p.add_argument("job", type=_job_id, metavar="JOB", help="the job's number (dipnode jobs)")
     p.add_argument("--config", type=Path, default=None, metavar="FILE", help=CONFIG_HELP)

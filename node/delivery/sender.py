@@ -8,7 +8,7 @@ import logging
 import shutil
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from dipnode.dicom_io.scu import Destination as Peer
@@ -31,7 +31,11 @@ class Delivery:
     """
 
     def __init__(self, settings: Settings, store: Store, routes: Mapping[str, Route],
-                 stopping: threading.Event) -> None:
+                 stopping: threading.Event,
+                 on_attempt: Callable[[float | None, str], None] | None = None) -> None:
+        """on_attempt(seconds or None, outcome): each attempt, for the metrics; outcome is
+        "sent", "retry" or "dead" (None seconds: nothing was sent)."""
+        self._on_attempt = on_attempt
         self.settings = settings
         self.store = store
         self.routes = dict(routes)
@@ -64,13 +68,18 @@ class Delivery:
                 return
             job = self.store.job(d.job_id)
             files = sorted(Path(job.output_dir).rglob("*.dcm")) if job.output_dir else []
-            if not files:
-                self.store.delivery_result(d.job_id, d.destination, now, ok=False,
-                                           error="results missing on disk", next_attempt_at=None)
+            if not files or job.outputs_purged_at is not None:
+                self.store.delivery_result(d.job_id, d.destination, now, ok=False, next_attempt_at=None,
+                                           error="results missing on disk" if job.outputs_purged_at is None
+                                           else "results deleted by retention")
+                if self._on_attempt is not None:
+                    self._on_attempt(None, "dead")
                 continue
             route = self._route(d.destination)
+            t0 = time.monotonic()
             report = send_files(files, route.peer, calling_ae=self.settings.calling_ae,
                                 timeout_s=s.timeout_s, tls=route.tls)
+            seconds = time.monotonic() - t0
             ok = report.all_ok
             error = None if ok else (report.error or f"{report.n_failed} instances refused")
             attempts = d.attempts + 1
@@ -79,6 +88,8 @@ class Delivery:
                 retry_at = time.time() + min(s.backoff_s * 2 ** (attempts - 1), s.backoff_max_s)
             row = self.store.delivery_result(d.job_id, d.destination, time.time(), ok=ok,
                                              error=error, next_attempt_at=retry_at)
+            if self._on_attempt is not None:
+                self._on_attempt(seconds, "sent" if ok else "retry" if retry_at else "dead")
             log.info("job %d -> %s: %s%s", d.job_id, d.destination,
                      "delivered" if ok else f"failed ({error})",
                      "" if ok or retry_at else ", gave up (dead letter)")

@@ -7,6 +7,7 @@ import logging
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from dipnode.dicom_io.intake import Header, dataset_bytes, read_received
@@ -26,9 +27,12 @@ __all__ = ["Receiver"]
 class Receiver:
     """Keeps what the receiver (dicom_io.scp) hands over: ``on_store`` is its callback."""
 
-    def __init__(self, spool: Spool, store: Store) -> None:
+    def __init__(self, spool: Spool, store: Store, *, make_room: Callable[[], object] | None = None) -> None:
+        """make_room: called when the spool is at its free-space mark, before the store is
+        refused (retention's emergency sweep, node/ops/retention.py); the store is tried once more."""
         self.spool = spool
         self.store = store
+        self._make_room = make_room
         # Stores of one SOP Instance UID are serialised (the re-send policy reads, then writes).
         self._uid_locks = [threading.Lock() for _ in range(64)]
         self.quarantined_at_start = 0
@@ -69,7 +73,7 @@ class Receiver:
                               uid, record.series_uid)
                     return Status.SUCCESS
                 log.warning("instance %s is indexed but its file %s is gone: written again", uid, known.path)
-            stored = self.spool.store(instance, header)  # durable before we answer
+            stored = self._spool_store(instance, header)  # durable before we answer
             try:
                 new = self.store.record_instance(record, time.time())
             except BaseException:
@@ -78,6 +82,17 @@ class Receiver:
                 raise
         log.debug("stored %s (series %s)%s", uid, record.series_uid, "" if new else " again")
         return Status.SUCCESS
+
+    def _spool_store(self, instance: ReceivedInstance, header: Header):
+        """Spool.store; at the free-space mark, make room first and try once more, so that a
+        store is refused only when nothing finished is left to delete."""
+        try:
+            return self.spool.store(instance, header)
+        except StoreRefused as exc:
+            if exc.status != Status.OUT_OF_RESOURCES or self._make_room is None:
+                raise
+        self._make_room()
+        return self.spool.store(instance, header)
 
     def _check_resent(self, instance: ReceivedInstance, header: Header, record: InstanceRecord,
                       known: KnownInstance, path: Path) -> None:

@@ -184,6 +184,9 @@ class SeriesRow:
     positions_repeated: bool = False
     # The first instance that disagreed with the series (store.py docstring), or None.
     conflict: str | None = None
+    # Migration 5: when retention deleted the series' files (node/retention.py); None while
+    # they are kept. A series re-sent after that is received anew and clears it.
+    purged_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -216,6 +219,10 @@ class JobRow:
     # no_mr: the job fell back or failed for lack of a usable MR (a late MR re-triggers it).
     mr_choice: str | None = None
     no_mr: bool = False
+    # Migration 5: when retention deleted the job's results and thumbnails (None: not yet);
+    # report: trust numbers, registration and timings (node/report.py), None until computed.
+    outputs_purged_at: float | None = None
+    report: dict | None = None
 
 
 @dataclass(frozen=True)

@@ -126,6 +126,15 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE jobs ADD COLUMN params_version INTEGER NOT NULL DEFAULT 1;
     """,
+    # 5: running for months (issue 13). Retention: a series whose received files are deleted
+    # (or being deleted: its instance rows go last, node/retention.py) has purged_at; a job whose
+    # results and thumbnails are deleted has outputs_purged_at. report_json: the job's trust
+    # numbers, registration and timings (node/report, shown on the status page).
+    """
+    ALTER TABLE series ADD COLUMN purged_at REAL;
+    ALTER TABLE jobs ADD COLUMN outputs_purged_at REAL;
+    ALTER TABLE jobs ADD COLUMN report_json TEXT;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -155,6 +155,12 @@ class Store:
                     )
                 return False
             series = db.execute("SELECT * FROM series WHERE series_uid = ?", (inst.series_uid,)).fetchone()
+            if series is not None and series["purged_at"] is not None and db.execute(
+                    "SELECT 1 FROM instances WHERE series_uid = ? LIMIT 1", (inst.series_uid,)).fetchone():
+                # Retention is deleting this series right now (node/retention.py): refused, the
+                # peer may send it again in a moment and it is then received anew.
+                raise StoreError(f"record_instance: series {inst.series_uid} is being deleted by "
+                                 "retention; send it again")
             if series is not None and series["conflict"] is None:
                 differs = _identity_conflict(series, inst)
                 if differs:
@@ -183,7 +189,7 @@ class Store:
                     " last_received_at = max(last_received_at, ?),"
                     " expected_count = coalesce(expected_count, ?),"
                     " late_instances = late_instances + ?,"
-                    " state = 'receiving',"
+                    " state = 'receiving', purged_at = NULL,"
                     " completed_at = CASE WHEN ? THEN NULL ELSE completed_at END"
                     " WHERE series_uid = ?",
                     (now, inst.expected_count, int(late), int(late), inst.series_uid),
@@ -246,7 +252,7 @@ class Store:
         """
         rows = self._query(
             "SELECT * FROM series WHERE (study_uid = ? OR (? != '' AND patient_id = ? AND issuer = ?))"
-            " AND conflict IS NULL ORDER BY first_received_at",
+            " AND conflict IS NULL AND purged_at IS NULL ORDER BY first_received_at",
             (study_uid, patient_id, patient_id, issuer),
         )
         return [_series(r) for r in rows]
@@ -406,7 +412,9 @@ class Store:
              None if method is None else 1, None if params is None else 1, PARAMS_VERSION,
              output_dir, int(move is Move.CLAIMED), job_id),
         )
-        log.debug("job %d: %s -> %s (%s)", job_id, old.value, target.value, move.value)
+        # `dipnode serve` logs one line per job transition (UIDs stay at debug level).
+        log.info("job %d: %s -> %s (%s)%s", job_id, old.value, target.value, move.value,
+                 f": {reason[:300]}" if reason and target is JobState.FAILED else "")
         return db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
 
     def set_progress(self, job_id: int, progress: float, now: float) -> None:
@@ -545,6 +553,86 @@ class Store:
             if n and row is not None and row["state"] == JobState.FAILED.value:
                 self._move(db, job_id, now, move=Move.RESENT, caller="reset_dead")
         return n
+
+    # -- retention and reporting (migration 5; node/retention.py) ---------------------------
+
+    def all_series(self) -> list[SeriesRow]:
+        """Every series in the index, oldest first (retention plans over them)."""
+        return [_series(r) for r in self._query("SELECT * FROM series ORDER BY first_received_at, series_uid")]
+
+    def job_counts(self) -> dict[JobState, int]:
+        """How many jobs are in each state (every state present, 0 where none)."""
+        counts = dict.fromkeys(JobState, 0)
+        for state, n in self._query("SELECT state, count(*) FROM jobs GROUP BY state"):
+            counts[JobState(state)] = int(n)
+        return counts
+
+    def dead_letter_count(self) -> int:
+        """Deliveries the sender gave up on, not yet re-sent."""
+        return int(self._query("SELECT count(*) FROM deliveries WHERE state = 'dead'")[0][0])
+
+    def mark_series_purged(self, uid: str, now: float) -> bool:
+        """Retention's first step for a series, its intent: from this commit on the series
+        counts as deleted (no MR prior, no re-run) although its files and instance rows still
+        exist; :meth:`drop_purged_instances` removes the rows once the files are gone, and a
+        sweep interrupted in between is finished by the next (:meth:`purging_series`).
+
+        Only a complete series that no unfinished job uses is marked, checked in the same
+        transaction; False when it is not (any more) eligible."""
+        with self._tx() as db:
+            n = db.execute(
+                "UPDATE series SET purged_at = ? WHERE series_uid = ? AND purged_at IS NULL"
+                " AND state = 'complete' AND NOT EXISTS (SELECT 1 FROM jobs j WHERE"
+                " (j.pet_series_uid = series.series_uid OR j.mr_series_uid = series.series_uid)"
+                " AND j.state NOT IN ('done', 'failed'))",
+                (now, uid)).rowcount
+        return n == 1
+
+    def drop_purged_instances(self, uid: str) -> int:
+        """Retention's last step for a series whose files are deleted: its instance rows go in
+        one transaction. The series row stays (purged_at set, no instances) while a job refers
+        to it, else it goes too. Returns the number of instance rows deleted."""
+        with self._tx() as db:
+            row = db.execute("SELECT purged_at FROM series WHERE series_uid = ?", (uid,)).fetchone()
+            if row is None or row["purged_at"] is None:
+                raise StoreError(f"drop_purged_instances: expected series {uid} marked purged, got "
+                                 f"{'no such series' if row is None else 'a kept series'}")
+            n = db.execute("DELETE FROM instances WHERE series_uid = ?", (uid,)).rowcount
+            used = db.execute("SELECT 1 FROM jobs WHERE pet_series_uid = ? OR mr_series_uid = ? LIMIT 1",
+                              (uid, uid)).fetchone()
+            if used:
+                db.execute("UPDATE series SET instance_count = 0, late_instances = 0 WHERE series_uid = ?", (uid,))
+            else:
+                db.execute("DELETE FROM series WHERE series_uid = ?", (uid,))
+        return n
+
+    def purging_series(self) -> list[str]:
+        """Series marked purged whose instance rows remain: a sweep stopped between its steps."""
+        return [r[0] for r in self._query(
+            "SELECT s.series_uid FROM series s WHERE s.purged_at IS NOT NULL AND EXISTS"
+            " (SELECT 1 FROM instances i WHERE i.series_uid = s.series_uid) ORDER BY s.purged_at")]
+
+    def mark_outputs_purged(self, job_id: int, now: float) -> bool:
+        """Retention's intent for a finished job's results: from this commit on they count as
+        deleted (a re-send is refused), then the files go (node/retention.py). False when the
+        job is not finished or already marked."""
+        with self._tx() as db:
+            n = db.execute("UPDATE jobs SET outputs_purged_at = ? WHERE id = ? AND outputs_purged_at IS NULL"
+                           " AND state IN ('done', 'failed')", (now, job_id)).rowcount
+        return n == 1
+
+    def set_report(self, job_id: int, report: dict) -> None:
+        """Store the job's trust numbers, registration and timings (JSON-safe values)."""
+        text = json.dumps(report, sort_keys=True, allow_nan=False)
+        with self._tx() as db:
+            n = db.execute("UPDATE jobs SET report_json = ? WHERE id = ?", (text, job_id)).rowcount
+        if n != 1:
+            raise StoreError(f"set_report: expected an existing job id, got {job_id!r}")
+
+    def check_writable(self) -> None:
+        """Raise sqlite3.Error unless a write transaction can be taken now (health check)."""
+        with self._tx():
+            pass
 
     # -- MR choice and retrieval (migration 3) ----------------------------------------------
 
@@ -713,7 +801,8 @@ def _job(r: sqlite3.Row) -> JobRow:
         params = params_from_record(json.loads(r["params_json"]), r["params_version"])
     except ValueError as exc:
         raise StoreError(f"job {r['id']}: its method or parameters cannot be read ({exc})") from None
-    v = {f.name: r[f.name] for f in fields(JobRow) if f.name not in ("method", "params")}
+    v = {f.name: r[f.name] for f in fields(JobRow) if f.name not in ("method", "params", "report")}
+    v["report"] = json.loads(r["report_json"]) if r["report_json"] else None
     v["state"] = JobState(v["state"])
     v["no_mr"] = bool(v["no_mr"])
     return JobRow(**v, method=method, params=params)

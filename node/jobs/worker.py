@@ -15,7 +15,7 @@ from pathlib import Path
 
 from dipnode.models.denoise import DipOutOfMemoryError
 from dipnode.models.params import DipParams, Method
-from dipnode.node.jobs import pipeline
+from dipnode.node.jobs import pipeline, summary
 from dipnode.node.jobs.executor import ClusterUnavailable, Executor, ExecutorBusy, LocalExecutor
 from dipnode.node.jobs.rows import JobRow, JobState, Move, SeriesRow, SeriesState
 from dipnode.node.jobs.store import Store
@@ -51,11 +51,15 @@ class Worker:
 
     hand_over(job_id, out_dir, now): gives a SENDING job to delivery.
     run: runs one job's pipeline (default :func:`node.pipeline.run`).
+    thumbnails: where each computed job's thumbnails go (``job-N.png``; None: none made).
+    on_queued(seconds waited for the MR), on_computed(method, seconds): for the metrics.
     """
 
     def __init__(self, settings: Settings, store: Store, outputs: Path, *,
                  hand_over: Callable[[int, str, float], None], stopping: threading.Event,
-                 retriever: Retriever | None = None, run: Runner = pipeline.run) -> None:
+                 retriever: Retriever | None = None, run: Runner = pipeline.run,
+                 thumbnails: Path | None = None, on_queued: Callable[[float], None] | None = None,
+                 on_computed: Callable[[str, float], None] | None = None) -> None:
         self.settings = settings
         self.store = store
         self.outputs = outputs
@@ -65,6 +69,9 @@ class Worker:
         self._hand_over = hand_over
         self._stopping = stopping
         self._run = run
+        self.thumbnails = thumbnails
+        self._on_queued = on_queued
+        self._on_computed = on_computed
 
     # -- one scheduling step ---------------------------------------------------------------
     def series_complete(self, series: SeriesRow, now: float, *, rerun: bool) -> None:
@@ -144,6 +151,8 @@ class Worker:
             log.warning("job %d failed: %s", job.id, decision.reason)
             return
         method = decision.method or job.method  # the job's, or Gaussian as a fallback
+        if self._on_queued is not None:
+            self._on_queued(max(0.0, now - job.created_at))
         self.store.transition(job.id, JobState.QUEUED, now, method=method,
                               mr_series_uid=decision.mr.series_uid if decision.mr else None,
                               reason=decision.reason or None)
@@ -200,14 +209,15 @@ class Worker:
             mr_paths = self.store.series_instances(job.mr_series_uid) if job.mr_series_uid else None
             log.info("job %d running: %s on PET %s", job.id, job.method.value, job.pet_series_uid)
             compute = functools.partial(self.executor.compute, job.id)
+            started = time.monotonic()
             try:
-                self._run(pet_paths, mr_paths, out_dir, method=method, params=params,
-                          options=options, progress=progress, compute=compute)
+                result = self._run(pet_paths, mr_paths, out_dir, method=method, params=params,
+                                   options=options, progress=progress, compute=compute)
             except DipOutOfMemoryError as oom:
                 method, params, fallback = self._after_oom(job.id, oom, method, params)
                 shutil.rmtree(out_dir, ignore_errors=True)
-                self._run(pet_paths, mr_paths, out_dir, method=method, params=params,
-                          options=options, progress=progress, compute=compute)
+                result = self._run(pet_paths, mr_paths, out_dir, method=method, params=params,
+                                   options=options, progress=progress, compute=compute)
         except Stopping:
             log.info("job %d interrupted by the stop; it resumes at the next start", job.id)
             return
@@ -238,6 +248,7 @@ class Worker:
             return
         if self._stopping.is_set():  # stopping: leave it RUNNING, the next start resumes it
             return
+        self._summarise(job.id, result, time.monotonic() - started)
         now = time.time()
         self.store.transition(job.id, JobState.SENDING, now, progress=1.0, output_dir=str(out_dir),
                               reason=fallback, method=method if fallback else None,
@@ -262,3 +273,17 @@ class Worker:
         # The outcome first: the log shortens long values, and the error is the long part.
         log.warning("job %d out of memory: %s; %s", job_id, instead, oom)
         return method, params, f"{oom}; {instead}"[:2000]
+
+    def _summarise(self, job_id: int, result: pipeline.PipelineResult, seconds: float) -> None:
+        """Trust numbers, registration and timings into the job, one log line, thumbnails for
+        the status page (node/jobs/summary.py). Never fails the job: its results are written."""
+        if self._on_computed is not None:
+            self._on_computed(result.method.value, seconds)
+        try:
+            numbers = summary.summary(result, seconds)
+            self.store.set_report(job_id, numbers)
+            log.info("%s", summary.summary_line(job_id, numbers))
+            if self.thumbnails is not None:
+                summary.write_thumbnails(result, self.thumbnails / f"job-{job_id}.png")
+        except Exception:  # noqa: BLE001 - the page lacks a number; the results stand
+            log.exception("job %d: trust numbers or thumbnails could not be made", job_id)

@@ -346,7 +346,7 @@ def test_every_option_has_help() -> None:
                for a in p._actions
                if not isinstance(a, (argparse._HelpAction, argparse._SubParsersAction)) and not a.help]
     assert missing == []
-    assert len(parsers) == 10  # dipnode + 9 commands
+    assert len(parsers) == 11  # dipnode + 10 commands
 
 
 @pytest.mark.parametrize("argv,status", [
