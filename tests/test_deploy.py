@@ -107,7 +107,7 @@ def _command(text: str) -> list[str]:
     return json.loads(text) if text.startswith("[") else ["/bin/sh", "-c", text]
 
 
-def container_env(tmp_path: Path, port: int) -> dict[str, str]:
+def container_env(tmp_path: Path, port: int, http_port: int | None = None) -> dict[str, str]:
     """The dipnode container's environment (Dockerfile ENV, then compose's), with its volume
     paths mapped to this checkout and only ports and paths overridden by DIPNODE_* variables."""
     service = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]["dipnode"]
@@ -127,6 +127,7 @@ def container_env(tmp_path: Path, port: int) -> dict[str, str]:
     env.update({
         "DIPNODE_NODE__HOST": "127.0.0.1",  # tests bind loopback only
         "DIPNODE_NODE__PORT": str(port),
+        "DIPNODE_HTTP__PORT": str(http_port if http_port is not None else free_port()),
         "DIPNODE_STORAGE__SPOOL_DIR": str(tmp_path / "spool"),
         "DIPNODE_STORAGE__DATABASE": str(tmp_path / "dipnode.sqlite"),
     })
@@ -146,8 +147,8 @@ def test_container_env_uses_the_compose_settings_file(tmp_path: Path) -> None:
 def test_container_health_check_passes_against_the_compose_settings(tmp_path: Path) -> None:
     import torch
 
-    port = free_port()
-    env = container_env(tmp_path, port)
+    port, http_port = free_port(), free_port()
+    env = container_env(tmp_path, port, http_port)
     health = _command(re.sub(r"^(--\S+\s+)*CMD\s+", "", _dockerfile_instruction("HEALTHCHECK")))
     log_path = tmp_path / "serve.log"
     with open(log_path, "wb") as log:
@@ -162,7 +163,10 @@ def test_container_health_check_passes_against_the_compose_settings(tmp_path: Pa
             time.sleep(0.5)
         assert r.returncode == 0, r.stdout + r.stderr + log_path.read_text()
         # Called as the PACS the compose settings allow (the node's own title is not listed).
-        assert r.stdout.strip() == f"C-ECHO DIPNODE@127.0.0.1:{port} as ORTHANC: success"
+        # Then the node's /healthz on its HTTP port (database, spool, workers), as `dipnode
+        # health` asks it in the container.
+        assert r.stdout.strip().splitlines() == [f"C-ECHO DIPNODE@127.0.0.1:{port} as ORTHANC: success",
+                                                 f"http://127.0.0.1:{http_port}/healthz: ok"]
         # What `docker compose exec dipnode dipnode jobs` runs in the container (README).
         jobs = subprocess.run(["dipnode", "jobs"], env=env, cwd=tmp_path, capture_output=True,
                               text=True, timeout=60)
