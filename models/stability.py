@@ -36,12 +36,15 @@ class Welford:
 
     def add(self, x: np.ndarray) -> None:
         x = np.asarray(x, dtype=np.float64)
-        if self._mean is None or self._m2 is None:
-            self._mean = x.copy()
-            self._m2 = np.zeros_like(x)
-        elif x.shape != self._mean.shape:
+        if self._mean is not None and x.shape != self._mean.shape:
             raise StabilityError(
                 f"Welford.add: expected an array of shape {self._mean.shape}, got {x.shape}")
+        self._update(x, np.copy, np.zeros_like)
+
+    def _update(self, x, copy, zeros) -> None:  # noqa: ANN001 - numpy arrays or torch tensors
+        if self._mean is None or self._m2 is None:
+            self._mean = copy(x)
+            self._m2 = zeros(x)
         else:
             delta = x - self._mean
             self._mean += delta / (self._n + 1)
@@ -52,7 +55,7 @@ class Welford:
     def mean(self) -> np.ndarray:
         if self._mean is None:
             raise StabilityError("Welford.mean: expected at least 1 sample, got 0")
-        return self._mean.copy()
+        return self._mean * 1  # a copy, for arrays and tensors alike
 
     def std(self, ddof: int = 1) -> np.ndarray:
         """Voxel-wise standard deviation with ``ddof`` (1: sample std, as numpy.std(ddof=1))."""
@@ -60,53 +63,38 @@ class Welford:
             raise StabilityError(
                 f"Welford.std: expected more than ddof={ddof} samples, got {self._n}")
         # M2 can round to a tiny negative value; clip so sqrt never gives NaN.
-        return np.sqrt(np.maximum(self._m2, 0.0) / (self._n - ddof))
+        return (self._m2.clip(min=0.0) / (self._n - ddof)) ** 0.5
 
 
-class TorchWelford:
+class TorchWelford(Welford):
     """Welford's accumulator on a torch device: the fit's samples never leave the GPU.
 
-    The same update as ``Welford`` (float64 accumulators by default), so the stability map
-    costs no host copy per sample; ``mean`` and ``std`` come back as numpy arrays once, at the
-    end. ``isfinite`` is the one host synchronisation per sample (the divergence check).
+    ``Welford``'s own update (the same arithmetic works on tensors, float64 accumulators by
+    default), so the stability map costs no host copy per sample; ``mean`` and ``std`` come
+    back as numpy arrays once, at the end.
     """
 
     def __init__(self, dtype: torch.dtype = torch.float64) -> None:
-        self._n = 0
+        super().__init__()
         self._dtype = dtype
-        self._mean: torch.Tensor | None = None
-        self._m2: torch.Tensor | None = None
 
-    @property
-    def count(self) -> int:
-        return self._n
-
-    def add(self, x: torch.Tensor) -> None:
+    def add(self, x: torch.Tensor) -> None:  # type: ignore[override]
         x = x.detach().to(self._dtype)
-        if self._mean is None or self._m2 is None:
-            self._mean = x.clone()
-            self._m2 = torch.zeros_like(x)
-        elif x.shape != self._mean.shape:
+        if self._mean is not None and x.shape != self._mean.shape:
             raise StabilityError(
                 f"TorchWelford.add: expected a tensor of shape {tuple(self._mean.shape)}, got {tuple(x.shape)}")
-        else:
-            delta = x - self._mean
-            self._mean += delta / (self._n + 1)
-            self._m2 += delta * (x - self._mean)
-        self._n += 1
+        self._update(x, lambda v: v.clone(), torch.zeros_like)
 
     @property
     def mean(self) -> np.ndarray:
-        if self._mean is None:
-            raise StabilityError("TorchWelford.mean: expected at least 1 sample, got 0")
-        return self._mean.cpu().numpy().copy()
+        return self._numpy(super().mean)
 
     def std(self, ddof: int = 1) -> np.ndarray:
-        """Voxel-wise standard deviation with ``ddof``, as ``Welford.std``."""
-        if self._m2 is None or self._n - ddof <= 0:
-            raise StabilityError(
-                f"TorchWelford.std: expected more than ddof={ddof} samples, got {self._n}")
-        return torch.sqrt(torch.clamp(self._m2, min=0.0) / (self._n - ddof)).cpu().numpy()
+        return self._numpy(super().std(ddof))
+
+    @staticmethod
+    def _numpy(v: object) -> np.ndarray:
+        return v.cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
 
 
 def normalised_stability(stability: np.ndarray, alpha: float) -> np.ndarray:
