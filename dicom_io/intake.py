@@ -68,6 +68,14 @@ def _meta(raw: bytes) -> tuple[FileMetaDataset, int]:
         # (found by fuzzing: NotImplementedError for an unknown VR, BytesLengthException, ...)
         raise _refuse(Status.CANNOT_UNDERSTAND,
                       f"file meta unreadable: {type(exc).__name__}: {shown(exc, 120)}") from exc
+    # A mangled VR in (0002,0000) makes pydicom fall back to implicit VR and read the rest of
+    # the file as the group length's value; whether that raises depends on the file's length
+    # (found by fuzzing). PS3.10 7.1: the group length is one UL value.
+    length = meta.get("FileMetaInformationGroupLength")
+    if length is not None and not isinstance(length, int):
+        raise _refuse(Status.CANNOT_UNDERSTAND,
+                      "file meta unreadable: (0002,0000) File Meta Information Group Length is not "
+                      "one UL value")
     return meta, fp.tell()
 
 
@@ -165,6 +173,8 @@ def read_received(raw: bytes, transfer_syntax: str | None, *, max_bytes: int) ->
     meta, offset = _meta(raw)
     if transfer_syntax is None:
         transfer_syntax = str(meta.get("TransferSyntaxUID", ""))
+        if not transfer_syntax:
+            raise _refuse(Status.CANNOT_UNDERSTAND, "file meta has no (0002,0010) Transfer Syntax UID")
     if len(raw) - offset > max_bytes:
         raise _refuse(Status.INSTANCE_TOO_LARGE,
                       f"data set of {len(raw) - offset} bytes exceeds max_instance_bytes ({max_bytes})")
