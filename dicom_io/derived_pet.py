@@ -61,8 +61,8 @@ def keep_text_bytes(ds: Dataset, raw: dict[int, RawDataElement]) -> None:
     Copying decodes (pydicom) and re-encodes text; bytes that do not decode in the declared
     character set (invalid UTF-8 under ISO_IR 192, say) would come back as U+FFFD. A patient's
     name must be carried byte for byte, so an element whose value is still the source's is
-    replaced by the source's raw element; what the writer set itself stays its own. (Any
-    writer that copies source attributes can call it; the Parametric Map writer does not yet.)
+    replaced by the source's raw element; what the writer set itself stays its own. Both
+    writers that copy source attributes call it (this module and parametric_map).
     """
     encodings = ds._character_set
     for tag, elem in raw.items():

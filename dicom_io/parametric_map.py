@@ -25,6 +25,7 @@ from highdicom.pm import ParametricMap, RealWorldValueMapping
 from highdicom.sr import CodedConcept
 from pydicom.sr.codedict import codes
 
+from dipnode.dicom_io.derived_pet import keep_text_bytes
 from dipnode.dicom_io.errors import DicomOutputError
 from dipnode.dicom_io.files import write_datasets
 from dipnode.dicom_io.provenance import OutputSpec, _ST_MAX
@@ -178,6 +179,17 @@ def _parametric_map(
     for frame in pm.PerFrameFunctionalGroupsSequence:
         for item in frame.get("DerivationImageSequence", []):
             item.DerivationDescription = description
+    # The patient's name and other copied text are carried byte for byte, as in the derived
+    # PET: a name that is not valid in its character set must not come back with U+FFFD.
+    if source.raw_text:
+        keep_text_bytes(pm, dict(source.raw_text[0]))  # any text highdicom decoded
+        # pydicom's writer decodes and re-encodes every raw element of a data set whose original
+        # character set differs from its own; a new data set has none, so name the one the
+        # copied bytes are in (the source's, which highdicom copied) and the syntax it writes.
+        syntax = pm.file_meta.TransferSyntaxUID
+        pm.set_original_encoding(is_implicit_vr=syntax.is_implicit_VR,
+                                 is_little_endian=syntax.is_little_endian,
+                                 character_encoding=pm._character_set)
     return pm
 
 

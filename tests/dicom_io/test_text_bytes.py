@@ -10,6 +10,7 @@ import pydicom
 import pytest
 
 from dipnode.dicom_io.derived_pet import write_derived_pet
+from dipnode.dicom_io.parametric_map import write_data_weight_map, write_stability_map
 from dipnode.dicom_io.provenance import OutputSpec
 from dipnode.dicom_io.series import load_volume, read_datasets
 from dipnode.dicom_io.uids import derive_uid
@@ -65,3 +66,21 @@ def test_invalid_utf8_name_is_copied_byte_for_byte(tmp_path: Path) -> None:
     src_errors = {e.split(" - ")[-1] for e in dciodvfy_errors(src[0])}
     out_errors = {e.split(" - ")[-1] for e in dciodvfy_errors(out[0])}
     assert out_errors <= src_errors, out_errors - src_errors
+
+
+@pytest.mark.filterwarnings("ignore:Failed to decode byte string")
+@pytest.mark.parametrize("writer", ["stability", "data weight"])
+def test_parametric_maps_copy_the_name_byte_for_byte(tmp_path: Path, writer: str) -> None:
+    # highdicom copies the patient and study modules from the source image; its copy is decoded
+    # text, so the map must put the received bytes back as the derived PET does.
+    vol = load_volume(read_datasets(_source(tmp_path / "src")), modality="PT")
+    spec = OutputSpec(series_instance_uid=derive_uid("bytes", "map"), series_number=1002,
+                      series_description="SDIP stability", derivation_description="test",
+                      uid_seed="bytes", content_datetime=dt.datetime(2024, 5, 17, 12, 0, 0))
+    write = write_stability_map if writer == "stability" else write_data_weight_map
+    path = write(vol, np.zeros(vol.values.shape), spec, tmp_path / "out")
+    assert "\ufffd".encode() not in path.read_bytes()
+    assert _value_bytes(path, "PatientName") == NAME
+    assert _value_bytes(path, "StudyDescription") == DESCRIPTION
+    assert pydicom.dcmread(path).SpecificCharacterSet == "ISO_IR 192"
+    assert pydicom.dcmread(path).SeriesDescription.startswith("SDIP")
