@@ -11,7 +11,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -56,6 +56,18 @@ class DipOutOfMemoryError(RuntimeError):
             f"{params.base_channels} depth {params.depth} ({what}); use a smaller preset, "
             f"fewer concurrent jobs, or [workers] on_oom = \"cpu\" | \"gaussian\"")
         self.device = device
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickled as its message and device: it crosses process boundaries (a Ray worker to the
+        # node), where the default (the class called with the message alone) cannot rebuild it.
+        return _rebuild_oom, (str(self), self.device)
+
+
+def _rebuild_oom(message: str, device: str) -> DipOutOfMemoryError:
+    err = DipOutOfMemoryError.__new__(DipOutOfMemoryError)
+    RuntimeError.__init__(err, message)
+    err.device = device
+    return err
 
 
 @dataclass(frozen=True)

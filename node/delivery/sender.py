@@ -46,8 +46,11 @@ class Delivery:
         if self.routes:
             self.store.add_deliveries(job_id, list(self.routes), now)
         else:
-            self.store.transition(job_id, JobState.DONE, now, reason="no destinations configured; "
-                                  f"results kept in {out_dir}")
+            # Keep what the job's record already says (e.g. the on_oom fallback it took).
+            prior = self.store.job(job_id).reason
+            kept = f"no destinations configured; results kept in {out_dir}"
+            self.store.transition(job_id, JobState.DONE, now,
+                                  reason=f"{prior}; {kept}"[-2000:] if prior else kept)
 
     def _route(self, label: str) -> Route:
         route = self.routes.get(label)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import socket
 import time
 from dataclasses import dataclass
@@ -48,6 +49,16 @@ class BridgeConfig:
     cpus_per_job: float
     retries: int
     connect_timeout_s: float
+
+
+def _sendable(exc: BaseException) -> BaseException:
+    """``exc`` if it crosses the pipe to the node (pickle), else a RuntimeError with its text:
+    a job's error must reach its job, never end the connection to the cluster."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+    except Exception:  # noqa: BLE001 - any exception type may fail to pickle or to rebuild
+        return RuntimeError(f"{type(exc).__name__}: {exc}")
+    return exc
 
 
 class WorkerLost(RuntimeError):
@@ -158,7 +169,11 @@ def main(conn: Connection, config: BridgeConfig) -> None:
                         conn.send(("done", job_id, ray.get(ref)))
                     except rex.RayTaskError as exc:  # the job's own error: pass it on as raised
                         cause = exc.cause if exc.cause is not None else RuntimeError(str(exc))
-                        conn.send(("error", job_id, cause))
+                        conn.send(("error", job_id, _sendable(cause)))
+                    except rex.UnserializableException as exc:
+                        # The job's error could not be rebuilt here: it is still this job's error
+                        # (its text, with the worker's traceback), never the cluster's.
+                        conn.send(("error", job_id, RuntimeError(f"on the Ray worker: {exc}")))
                     except (rex.WorkerCrashedError, rex.NodeDiedError, rex.OutOfMemoryError,
                             rex.ObjectLostError, rex.TaskCancelledError) as exc:
                         conn.send(("error", job_id, WorkerLost(

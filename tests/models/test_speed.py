@@ -6,6 +6,8 @@ out-of-memory path is taken for real: ``memory_limit_mb`` makes the fit refuse a
 whose estimated peak exceeds it, raising the allocator's own error type, the path a full GPU
 takes.
 """
+import pickle
+
 import numpy as np
 import pytest
 import torch
@@ -142,6 +144,10 @@ def test_memory_limit_refuses_the_fit_with_the_allocators_error():
     assert need > 2**20  # the limit is really below the estimate
     fit = fit_conditional_dip(pet, mr, PARAMS.replace(memory_limit_mb=need // 2**20 + 1))
     assert fit.passes > 0  # at the estimate, the fit runs
+    # It crosses process boundaries (a Ray worker to the node) as itself: on_oom depends on it.
+    again = pickle.loads(pickle.dumps(info.value))
+    assert type(again) is DipOutOfMemoryError and again.device == "cpu"
+    assert str(again) == str(info.value)
 
 
 def test_memory_estimate_grows_with_volume_width_and_falls_with_bf16():

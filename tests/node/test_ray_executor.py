@@ -139,6 +139,32 @@ def test_worker_killed_mid_fit_runs_again_and_the_pacs_gets_one_set(tmp_path, cl
 
 @pytest.mark.network
 @pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_out_of_memory_on_a_ray_worker_takes_the_on_oom_path(tmp_path, cluster, study):
+    # [workers] memory_limit_mb = 1 makes the fit on the Ray worker raise DipOutOfMemoryError for
+    # real (as in tests/node/test_oom.py). It must come back to the node as that error, so that
+    # on_oom applies as with the local executor, and the connection to the cluster survives it.
+    port = free_port()
+    cfg = node_settings(tmp_path, port=port, method=FIT, destinations=[],
+                        workers=ray_workers(cluster.address, memory_limit_mb=1, on_oom="gaussian"))
+    node = Node(load_settings(cfg))
+    node.start()
+    try:
+        _push(list(study.pet_files) + list(study.mr_files), node.port)
+        wait_for(lambda: [j for j in node.store.jobs() if j.state in (JobState.DONE, JobState.FAILED)],
+                 240, "the job ended")
+        job = node.store.jobs()[0]
+        assert job.state is JobState.DONE, job.reason
+        assert job.method is Method.GAUSSIAN
+        assert "out of memory on cpu" in job.reason and "on_oom = gaussian" in job.reason, job.reason
+        assert "no destinations configured" in job.reason  # delivery's note follows, not instead
+        assert node.worker.executor.connected, node.worker.executor.reason
+    finally:
+        node.stop()
+
+
+@pytest.mark.network
+@pytest.mark.slow
 @pytest.mark.timeout(420)
 def test_node_killed_while_its_job_runs_resubmits_on_restart(tmp_path, cluster, study):
     with OrthancPeer(tmp_path / "orthanc") as orthanc:
