@@ -70,8 +70,9 @@ def read_header(raw: bytes, transfer_syntax: str | None = None, *,
     return read_received(raw, transfer_syntax, max_bytes=max_bytes).dataset
 
 
-def _fsync_dir(path: Path) -> None:
-    # POSIX: a rename is durable only once the directory holding the new name is fsync'd.
+def fsync_dir(path: Path) -> None:
+    """Make a rename, creation or removal in ``path`` durable (POSIX: only once the directory
+    holding the name is fsync'd). The spool's and retention's one way to do it."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -157,7 +158,7 @@ class Spool:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
         log.debug("spooled %s", sop_uid)
         return StoredInstance(final, header_ds)
 
@@ -168,7 +169,7 @@ class Spool:
             path.unlink()
         except FileNotFoundError:
             return
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         log.debug("discarded %s", path)
 
     def quarantine(self, path: Path) -> Path:
@@ -183,8 +184,8 @@ class Spool:
             target = self.quarantine_dir / f"{name}.{n}"
             n += 1
         os.replace(path, target)
-        _fsync_dir(self.quarantine_dir)
-        _fsync_dir(path.parent)
+        fsync_dir(self.quarantine_dir)
+        fsync_dir(path.parent)
         return target
 
     def quarantined(self) -> list[Path]:
@@ -199,7 +200,7 @@ class Spool:
         for path in (folder.parent, folder):
             if not path.is_dir():
                 path.mkdir(exist_ok=True)
-                _fsync_dir(path.parent)
+                fsync_dir(path.parent)
 
     def recover(self) -> int:
         """Delete temp files left by a crash; call once at start-up. Returns how many."""
@@ -209,6 +210,6 @@ class Spool:
                 path.unlink(missing_ok=True)
                 removed += 1
         if removed:
-            _fsync_dir(self.incoming)
+            fsync_dir(self.incoming)
             log.info("spool recovery removed %d temp file(s)", removed)
         return removed

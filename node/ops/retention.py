@@ -25,7 +25,6 @@ Index rows follow their files; a job's own row is history and stays.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import threading
 import time
@@ -33,6 +32,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from dipnode.node.ingest.spool import fsync_dir
 from dipnode.node.jobs.rows import JobRow, JobState, SeriesRow, SeriesState
 from dipnode.node.jobs.store import Store
 
@@ -156,14 +156,6 @@ def _remove_file(path: Path) -> int:
     except FileNotFoundError:
         return 0
     return size
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _tree_bytes(root: Path) -> int:
@@ -304,13 +296,13 @@ class Retention:
             if path == self.instances_dir or not path.is_relative_to(self.instances_dir):
                 return
             try:
-                _fsync_dir(path)
+                fsync_dir(path)
                 path.rmdir()
             except FileNotFoundError:
                 continue
             except OSError:  # not empty: another series of the study, or a file just arriving
                 return
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
 
     def _outputs_paths(self, job: JobRow) -> list[Path]:
         paths = [self.thumbnails_dir / f"job-{job.id}.png"]
