@@ -130,8 +130,41 @@ def _associate(ae: AE, peer: Destination, tls: ssl.SSLContext | None, **kw: Any)
                         tls_args=(tls, peer.host) if tls is not None else None, **kw)
 
 
-def _find(assoc: Any, query: Dataset) -> tuple[list[Dataset], str | None]:
-    """All matches of one C-FIND; (identifiers, error or None)."""
+def _count_taken_responses(assoc: Any) -> None:
+    """Count the responses pynetdicom's association reactor takes from under a ``send_c_*``.
+
+    pynetdicom 3.0's reactor polls the DIMSE queue in its own thread; ``send_c_find`` pauses it
+    by clearing a checkpoint and waiting for a flag that the reactor sets just *before* it
+    waits. When the reactor has already passed the checkpoint, the pause is not real: the
+    reactor takes the next message, logs "Received unexpected C-FIND service message" and drops
+    it (seen in this project's tests under load; pynetdicom issue #875 reports the same
+    warning). A dropped pending response is a lost match, and the query would still end in
+    Success. Counting what the reactor takes lets the caller know the answer is incomplete.
+    """
+    serve = assoc._serve_request
+    assoc.dipnode_taken = 0
+
+    def counting(msg: Any, context_id: int) -> None:
+        if not msg.is_valid_request:  # a response: it was meant for the send_c_* waiting on it
+            assoc.dipnode_taken += 1
+        serve(msg, context_id)
+
+    assoc._serve_request = counting
+
+
+def _find(assoc: Any, query: Dataset, attempts: int = 3) -> tuple[list[Dataset], str | None]:
+    """All matches of one C-FIND; (identifiers, error or None). Asked again when pynetdicom's
+    reactor took one of its responses (:func:`_count_taken_responses`)."""
+    for _ in range(attempts):
+        taken = getattr(assoc, "dipnode_taken", 0)
+        found, error = _find_once(assoc, query)
+        if getattr(assoc, "dipnode_taken", 0) == taken or not assoc.is_established:
+            return found, error
+        log.warning("C-FIND: a response was lost to pynetdicom's association reactor; asking again")
+    return found, f"C-FIND responses lost in pynetdicom {attempts} times in a row"
+
+
+def _find_once(assoc: Any, query: Dataset) -> tuple[list[Dataset], str | None]:
     found: list[Dataset] = []
     final: int | None = None
     for status, identifier in assoc.send_c_find(query, FIND):
@@ -143,8 +176,9 @@ def _find(assoc: Any, query: Dataset) -> tuple[list[Dataset], str | None]:
                            f"and allow AE title {calling!r} to query?)")
         code = int(status.Status)
         if _pending(code):
-            if identifier is not None:
-                found.append(identifier)
+            if identifier is None:  # pynetdicom could not decode it: a match we cannot see
+                return found, "a C-FIND match could not be decoded"
+            found.append(identifier)
             continue
         final = code
     if final is None:
@@ -219,6 +253,7 @@ def find_prior_series(
     assoc = _associate(ae, peer, tls)
     if not assoc.is_established:
         return FindResult(peer, (), (), _association_error(assoc, peer))
+    _count_taken_responses(assoc)
     try:
         studies, error = _find(assoc, _study_query(patient_id, issuer, modality, dates))
         if error is not None:
