@@ -1,4 +1,4 @@
-"""Names and other text are carried byte for byte from the source PET into the derived PET:
+"""Names and other text are carried byte for byte from the source PET into the derived PET and the maps:
 invalid UTF-8 under ISO_IR 192, or any other bytes, are never re-encoded with U+FFFD."""
 from __future__ import annotations
 
@@ -71,8 +71,9 @@ def test_invalid_utf8_name_is_copied_byte_for_byte(tmp_path: Path) -> None:
 @pytest.mark.filterwarnings("ignore:Failed to decode byte string")
 @pytest.mark.parametrize("writer", ["stability", "data weight"])
 def test_parametric_maps_copy_the_name_byte_for_byte(tmp_path: Path, writer: str) -> None:
-    # highdicom copies the patient and study modules from the source image; its copy is decoded
-    # text, so the map must put the received bytes back as the derived PET does.
+    # highdicom copies the patient and study modules from the source image as raw bytes, but
+    # pydicom's writer re-encoded them (a new data set has no original character set) until the
+    # map named it: the received bytes must reach the file, as in the derived PET.
     vol = load_volume(read_datasets(_source(tmp_path / "src")), modality="PT")
     spec = OutputSpec(series_instance_uid=derive_uid("bytes", "map"), series_number=1002,
                       series_description="SDIP stability", derivation_description="test",
