@@ -1,5 +1,6 @@
-"""Names and other text are carried byte for byte from the source PET into the derived PET and the maps:
-invalid UTF-8 under ISO_IR 192, or any other bytes, are never re-encoded with U+FFFD."""
+"""Names and other text are carried byte for byte from the source PET into the derived PET and
+the parametric maps: invalid UTF-8 under ISO_IR 192, or any other bytes, are never re-encoded
+with U+FFFD."""
 from __future__ import annotations
 
 import datetime as dt
