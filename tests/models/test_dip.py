@@ -7,6 +7,7 @@ from dipnode.models.dip import (DeviceUnavailableError, DipDivergedError, DipInp
                                 fit_conditional_dip, pet_scale, resolve_device)
 from dipnode.models.params import preset
 from dipnode.models.unet import UNetShapeError
+from volumes import disc_phantom
 
 # The tiny preset with fewer inner L-BFGS iterations: same schedule (12 epochs, samples at
 # 6, 8, 10, 12), a few hundred milliseconds per fit.
@@ -18,13 +19,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/models/conftest.py
 
 
 def phantom(seed=0, shape=SHAPE):
-    """MR with structure; PET = 4·structure + 1 plus Poisson noise, in Bq/ml-like units."""
-    rng = np.random.default_rng(seed)
-    k, j, i = np.indices(shape)
-    structure = ((j - shape[1] / 2) ** 2 + (i - shape[2] / 2) ** 2 < 9).astype(np.float32)
-    mr = (600 + 400 * structure + rng.normal(0, 10, shape)).astype(np.float32)
-    pet = (rng.poisson(20 * (4 * structure + 1)) * 250.0).astype(np.float32)
-    return pet, mr
+    return disc_phantom(seed, shape)
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ from dipnode.models.dip import (DipOutOfMemoryError, backend_flags, fit_conditio
                                 fit_memory_bytes, make_lbfgs)
 from dipnode.models.params import DipParams, preset
 from dipnode.models.stability import TorchWelford, Welford
+from volumes import disc_phantom
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/models/conftest.py
 
@@ -38,12 +39,7 @@ PARAMS = preset("tiny").replace(device="cpu", epochs=4, sample_from=2, sample_ev
 
 
 def phantom(seed=0, shape=SHAPE):
-    rng = np.random.default_rng(seed)
-    k, j, i = np.indices(shape)
-    structure = ((j - shape[1] / 2) ** 2 + (i - shape[2] / 2) ** 2 < 9).astype(np.float32)
-    mr = (600 + 400 * structure + rng.normal(0, 10, shape)).astype(np.float32)
-    pet = (rng.poisson(20 * (4 * structure + 1)) * 250.0).astype(np.float32)
-    return pet, mr
+    return disc_phantom(seed, shape)
 
 
 @pytest.fixture(scope="module")
