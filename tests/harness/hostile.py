@@ -329,9 +329,10 @@ def _associate_many(t: Target, n: int, sources: Sequence[str]) -> list[object]:
     return out
 
 
-def too_many_from_one_address(t: Target) -> Outcome:
-    limit = int(LIMITS["max_associations_per_address"])
-    assocs = _associate_many(t, limit + 1, ["127.0.0.6"])
+def _one_over_the_limit(t: Target, limit: int, addresses: list[str], reason: str) -> tuple[int, bool, bool]:
+    """limit + 1 associations from ``addresses``: (how many were accepted, whether the last was
+    rejected, whether ``reason`` is in the node's log)."""
+    assocs = _associate_many(t, limit + 1, addresses)
     try:
         up = sum(a.is_established for a in assocs)
         rejected = assocs[-1].is_rejected
@@ -339,22 +340,21 @@ def too_many_from_one_address(t: Target) -> Outcome:
         for a in assocs:
             if a.is_established:
                 a.release()
-    logged = "too many associations from address 127.0.0.6" in t.log.read_text(errors="replace")
+    return up, rejected, reason in t.log.read_text(errors="replace")
+
+
+def too_many_from_one_address(t: Target) -> Outcome:
+    limit = int(LIMITS["max_associations_per_address"])
+    up, rejected, logged = _one_over_the_limit(t, limit, ["127.0.0.6"],
+                                               "too many associations from address 127.0.0.6")
     return Outcome(f"{up} accepted, the next rejected (A-ASSOCIATE-RJ transient, local limit "
                    f"exceeded); reason logged: {logged}", up == limit and rejected and logged)
 
 
 def too_many_in_all(t: Target) -> Outcome:
     n = int(LIMITS["max_associations"])
-    assocs = _associate_many(t, n + 1, [f"127.0.1.{i}" for i in range(1, n + 2)])
-    try:
-        up = sum(a.is_established for a in assocs)
-        rejected = assocs[-1].is_rejected
-    finally:
-        for a in assocs:
-            if a.is_established:
-                a.release()
-    logged = f"too many associations (max_associations = {n})" in t.log.read_text(errors="replace")
+    up, rejected, logged = _one_over_the_limit(t, n, [f"127.0.1.{i}" for i in range(1, n + 2)],
+                                               f"too many associations (max_associations = {n})")
     return Outcome(f"{up} accepted, the next rejected; reason logged: {logged}", up == n and rejected and logged)
 
 
