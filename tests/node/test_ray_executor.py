@@ -87,6 +87,18 @@ def _one_set(study: PhantomStudy) -> dict[str, int]:
             for role in ("pet", "map", "map-plain", "weight", "weight-plain")}
 
 
+def _to(orthanc: OrthancPeer) -> list[dict[str, object]]:
+    """[[destinations]]: the Orthanc of the test."""
+    return [{"ae_title": orthanc.aet, "host": LOOPBACK, "port": orthanc.dicom_port}]
+
+
+def _expect_one_set(orthanc: OrthancPeer, study: PhantomStudy) -> None:
+    """One job's series arrive in Orthanc, and nothing more after them: one set, not two."""
+    wait_for(lambda: _results(orthanc, study) == _one_set(study), 60, "results in Orthanc")
+    time.sleep(2)
+    assert _results(orthanc, study) == _one_set(study)
+
+
 def _jobs(db: Path):
     try:
         with Store.open_readonly(db, busy_timeout_s=5) as store:
@@ -110,7 +122,7 @@ def test_worker_killed_mid_fit_runs_again_and_the_pacs_gets_one_set(tmp_path, cl
     with OrthancPeer(tmp_path / "orthanc") as orthanc:
         port = free_port()
         cfg = node_settings(tmp_path, port=port, method=FIT, workers=ray_workers(cluster.address),
-                            destinations=[{"ae_title": orthanc.aet, "host": LOOPBACK, "port": orthanc.dicom_port}])
+                            destinations=_to(orthanc))
         node = Node(load_settings(cfg))
         node.start()
         try:
@@ -129,9 +141,7 @@ def test_worker_killed_mid_fit_runs_again_and_the_pacs_gets_one_set(tmp_path, cl
             assert done.state is JobState.DONE, done.reason
             attempts = node.worker.executor.attempts(job.id)
             assert len(attempts) == 2 and attempts[0] == first[0] and f"pid {pid} " not in attempts[1], attempts
-            wait_for(lambda: _results(orthanc, study) == _one_set(study), 60, "results in Orthanc")
-            time.sleep(2)  # nothing more arrives: one set, not two
-            assert _results(orthanc, study) == _one_set(study)
+            _expect_one_set(orthanc, study)
             assert len(node.store.jobs()) == 1 and done.progress == 1.0
         finally:
             node.stop()
@@ -170,7 +180,7 @@ def test_node_killed_while_its_job_runs_resubmits_on_restart(tmp_path, cluster, 
     with OrthancPeer(tmp_path / "orthanc") as orthanc:
         port = free_port()
         cfg = node_settings(tmp_path, port=port, method=FIT, workers=ray_workers(cluster.address),
-                            destinations=[{"ae_title": orthanc.aet, "host": LOOPBACK, "port": orthanc.dicom_port}])
+                            destinations=_to(orthanc))
         db, log = tmp_path / "dipnode.sqlite", tmp_path / "node.log"
         node = NodeProcess(cfg, port, log)
         try:
@@ -189,9 +199,7 @@ def test_node_killed_while_its_job_runs_resubmits_on_restart(tmp_path, cluster, 
                      "the resubmitted job finished")
             assert [j.state for j in _jobs(db)] == [JobState.DONE], _jobs(db)[0].reason
             assert _jobs(db)[0].attempts == 2  # claimed before the kill and after the restart
-            wait_for(lambda: _results(orthanc, study) == _one_set(study), 60, "results in Orthanc")
-            time.sleep(2)
-            assert _results(orthanc, study) == _one_set(study)
+            _expect_one_set(orthanc, study)
         finally:
             node.stop()
 
@@ -236,7 +244,7 @@ def test_cluster_lost_mid_job_waits_then_runs_when_it_is_back(tmp_path, cluster,
         port = free_port()
         cfg = node_settings(tmp_path, port=port, method=FIT, workers=ray_workers(cluster.address, ray_unreachable="wait",
                                                                                  ray_connect_timeout_s=5.0),
-                            destinations=[{"ae_title": orthanc.aet, "host": LOOPBACK, "port": orthanc.dicom_port}])
+                            destinations=_to(orthanc))
         node = Node(load_settings(cfg))
         node.start()
         try:
@@ -261,9 +269,7 @@ def test_cluster_lost_mid_job_waits_then_runs_when_it_is_back(tmp_path, cluster,
                      "the job finished on the new cluster")
             assert node.store.job(job.id).state is JobState.DONE, node.store.job(job.id).reason
             assert node.store.job(job.id).attempts == 2
-            wait_for(lambda: _results(orthanc, study) == _one_set(study), 60, "results in Orthanc")
-            time.sleep(2)
-            assert _results(orthanc, study) == _one_set(study)
+            _expect_one_set(orthanc, study)
         finally:
             node.stop()
 
