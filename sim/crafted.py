@@ -74,8 +74,8 @@ def _dataset_bytes(ds: Dataset, syntax: str) -> bytes:
     return fp.getvalue()
 
 
-def file_bytes(ds: Dataset, transfer_syntax: str = ExplicitVRLittleEndian, *,
-               encode_as: str | None = None) -> bytes:
+def _preamble_and_meta(ds: Dataset, transfer_syntax: str) -> bytes:
+    """The PS3.10 preamble, "DICM" and the file meta group of ``ds`` under ``transfer_syntax``."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = ds.SOPClassUID
     meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
@@ -84,6 +84,12 @@ def file_bytes(ds: Dataset, transfer_syntax: str = ExplicitVRLittleEndian, *,
     head = DicomBytesIO()
     head.write(b"\x00" * 128 + b"DICM")
     write_file_meta_info(head, meta, enforce_standard=True)
+    return head.getvalue()
+
+
+def file_bytes(ds: Dataset, transfer_syntax: str = ExplicitVRLittleEndian, *,
+               encode_as: str | None = None) -> bytes:
+    head = _preamble_and_meta(ds, transfer_syntax)
     encoding = encode_as or transfer_syntax
     if encoding == DeflatedExplicitVRLittleEndian:
         body = _dataset_bytes(ds, ExplicitVRLittleEndian)
@@ -91,7 +97,7 @@ def file_bytes(ds: Dataset, transfer_syntax: str = ExplicitVRLittleEndian, *,
         body = c.compress(body) + c.flush()
     else:
         body = _dataset_bytes(ds, encoding)
-    return head.getvalue() + body
+    return head + body
 
 
 def write_file(path: Path, raw: bytes) -> Path:
@@ -134,15 +140,7 @@ def deflate_bomb(inflated_bytes: int, **attrs: object) -> bytes:
         left -= step
     parts.append(c.compress(_dataset_bytes(tail_ds, ExplicitVRLittleEndian)))
     parts.append(c.flush())
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
-    meta.ImplementationClassUID = "1.2.826.0.1.3680043.9.7156.1"
-    head = DicomBytesIO()
-    head.write(b"\x00" * 128 + b"DICM")
-    write_file_meta_info(head, meta, enforce_standard=True)
-    return head.getvalue() + b"".join(parts)
+    return _preamble_and_meta(ds, DeflatedExplicitVRLittleEndian) + b"".join(parts)
 
 
 def _item(kind: int, payload: bytes) -> bytes:
