@@ -247,31 +247,38 @@ class MatchingSettings(_Section):
         return out
 
 
-class Source(_Section):
-    """A PACS the node may query (C-FIND) and retrieve prior MR series from (C-MOVE or C-GET)."""
+class _Peer(_Section):
+    """A DICOM peer: AE title, host, port, and whether to use TLS with it (None: [sender] tls
+    decides; the certificates are [sender]'s)."""
 
     ae_title: str
     host: str
     port: int = Field(ge=1, le=65535)
-    tls: bool | None = None  # None: [sender] tls decides; certificates are [sender]'s
-    # "move": C-MOVE, the PACS sends the series to move_destination (it must know that AE
-    # title's host and port); "get": C-GET, the series comes back on our own association.
-    retrieve: Literal["move", "get"] = "move"
-    move_destination: str | None = None  # None: [node] ae_title
+    tls: bool | None = None
 
     @field_validator("ae_title")
     @classmethod
     def _ae(cls, v: str) -> str:
         return check_ae_title("ae_title", v)
 
+    @property
+    def label(self) -> str:
+        """``AET@HOST:PORT``: how the log names it, and the key a delivery is stored under."""
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+class Source(_Peer):
+    """A PACS the node may query (C-FIND) and retrieve prior MR series from (C-MOVE or C-GET)."""
+
+    # "move": C-MOVE, the PACS sends the series to move_destination (it must know that AE
+    # title's host and port); "get": C-GET, the series comes back on our own association.
+    retrieve: Literal["move", "get"] = "move"
+    move_destination: str | None = None  # None: [node] ae_title
+
     @field_validator("move_destination")
     @classmethod
     def _dest(cls, v: str | None) -> str | None:
         return None if v is None else check_ae_title("move_destination", v)
-
-    @property
-    def label(self) -> str:
-        return f"{self.ae_title}@{self.host}:{self.port}"
 
 
 class RetrieveSettings(_Section):
@@ -371,21 +378,8 @@ class OutputSettings(_Section):
         return self
 
 
-class Destination(_Section):
-    ae_title: str
-    host: str
-    port: int = Field(ge=1, le=65535)
-    tls: bool | None = None  # None: [sender] tls decides
-
-    @field_validator("ae_title")
-    @classmethod
-    def _ae(cls, v: str) -> str:
-        return check_ae_title("ae_title", v)
-
-    @property
-    def label(self) -> str:
-        """The key a delivery is stored under: ``AET@HOST:PORT``."""
-        return f"{self.ae_title}@{self.host}:{self.port}"
+class Destination(_Peer):
+    """A PACS or workstation the results are sent to (C-STORE)."""
 
 
 class SenderSettings(_Section):
