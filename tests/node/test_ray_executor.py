@@ -255,7 +255,11 @@ def test_cluster_lost_mid_job_waits_then_runs_when_it_is_back(tmp_path, cluster,
             for ray_node in cluster.nodes:  # the whole cluster goes, head first
                 ray_node.kill()
             wait_for(lambda: node.store.job(job.id).state is JobState.QUEUED, 60, "the job back in the queue")
-            assert "stopped answering" in node.worker.executor.reason or "driver process ended" in node.worker.executor.reason
+            # Which of Ray's paths notices first varies with timing: the head's port probe, the
+            # driver ending, or a call to the progress actor failing (ActorUnavailableError).
+            reason = node.worker.executor.reason
+            assert ("stopped answering" in reason or "driver process ended" in reason
+                    or f"the Ray cluster at {cluster.address} failed" in reason), reason
             # The node keeps receiving while the cluster is away.
             assert run_echoscu(node.port, called="DIPNODE").returncode == 0
             _push(tiny_pet_files(tmp_path / "meanwhile", n=3), node.port)
